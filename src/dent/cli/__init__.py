@@ -1,0 +1,1 @@
+"""The ``dent`` command line: ``dent <command> --cfg cfgs/X.yaml KEY VALUE ...``."""

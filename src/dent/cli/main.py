@@ -1,0 +1,40 @@
+"""Entry point of the ``dent`` console script."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+# Importing the command modules registers their commands.
+from dent.cli import commands  # noqa: F401
+from dent.cli.command import COMMANDS
+from dent.errors import DentError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dent",
+        description="Dynamic adversarial defense by test-time entropy minimization, and its evaluation.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, cmd in COMMANDS.items():
+        cmd_parser = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(cmd_parser)
+        cmd_parser.set_defaults(run=cmd.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except DentError as exc:
+        print(f"dent {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dent {args.command}: interrupted; finished results are kept in the run directory", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Typed, validated configuration sections (pydantic) and yacs-style overrides.
+
+Each layer of the package defines its own section (e.g. :class:`dent.defenses.DentConfig`); the root
+run config in :mod:`dent.config` composes them. Sections forbid unknown keys and check types once, at
+construction, so a bad value is reported with its dotted key and the expected type.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from fractions import Fraction
+from pathlib import Path
+from typing import Annotated, Any, Iterable
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+
+from dent.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base class of every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True, use_enum_values=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def replace(self, **changes: Any) -> "Section":
+        """A copy with ``changes`` applied and validated."""
+        return validated(type(self), {**self.to_dict(), **changes})
+
+
+def parse_fraction(value: Any) -> Any:
+    """Accept "8/255" style strings for pixel-scale quantities (epsilons, step sizes)."""
+    if isinstance(value, str) and "/" in value:
+        try:
+            return float(Fraction(value.replace(" ", "")))
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"expected a number or a fraction like '8/255', got {value!r}") from None
+    return value
+
+
+#: A float in the [0, 1] pixel scale that may be written as a fraction, e.g. ``8/255``.
+PixelFloat = Annotated[float, BeforeValidator(parse_fraction)]
+
+
+def validated(cls: type[Section], data: dict[str, Any], where: str = "") -> Section:
+    """Build ``cls`` from ``data``; on failure raise :class:`ConfigError` naming each bad key."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, where)) from None
+
+
+def format_validation_error(exc: ValidationError, where: str = "") -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"] if p not in ("function-after", "function-before"))
+        if where:
+            key = f"{where}.{key}" if key else where
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown config key {key!r}")
+        else:
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"config key {key!r}: {err['msg']}{shown}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """Parse yacs-style ``KEY VALUE`` pairs and ``KEY=VALUE`` items into a nested dict.
+
+    Keys are dotted and case-insensitive (``MODEL.ARCH`` == ``model.arch``); values are parsed as YAML
+    scalars or lists (``10``, ``true``, ``[1, 2]``), so ``8/255`` stays a string for the fraction parser.
+    """
+    items = list(items)
+    flat: list[tuple[str, str]] = []
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if "=" in item and not item.startswith("="):
+            key, value = item.split("=", 1)
+            i += 1
+        elif i + 1 < len(items):
+            key, value = item, items[i + 1]
+            i += 2
+        else:
+            raise ConfigError(f"override {item!r} has no value; write 'KEY VALUE' or 'KEY=VALUE'")
+        flat.append((key, value))
+    nested: dict[str, Any] = {}
+    for key, value in flat:
+        set_dotted(nested, key, parse_value(value))
+    return nested
+
+
+def parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
+    parts = [p.lower() for p in dotted_key.strip().split(".")]
+    if not all(parts):
+        raise ConfigError(f"malformed config key {dotted_key!r}; expected dotted names like model.arch")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key {dotted_key!r} goes below a value that is not a section")
+    node[parts[-1]] = value
+
+
+def lower_keys(tree: Any) -> Any:
+    """Lower-case section keys recursively (YAML files may use the seed's upper-case style)."""
+    if isinstance(tree, dict):
+        return {str(k).lower(): lower_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
+    return lower_keys(data)
+
+
+def config_hash(data: dict[str, Any]) -> str:
+    """A stable short hash of a config's resolved values."""
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,60 @@
+"""The one config object that holds every knob of the dynamic defense."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated
+
+from pydantic import Field
+
+from dent.confbase import Section
+
+
+class AffineMode(str, Enum):
+    """Which BatchNorm affine parameters (gamma, beta) are adapted."""
+
+    NONE = "none"  # not adapted
+    BATCH = "batch"  # one set per channel shared by the batch: the paper's "dent"
+    SAMPLE = "sample"  # one set per input, shape [B, C]: the paper's "dent+"
+
+
+class StatsMode(str, Enum):
+    """Which normalization statistics BatchNorm uses while adapting and predicting."""
+
+    FIXED = "fixed"  # the model's training (running) statistics
+    BATCH = "batch"  # estimated on the test batch (never written back to the running buffers)
+
+
+class InputMode(str, Enum):
+    """Input adaptation (Sigma): a Gaussian blur before the model."""
+
+    NONE = "none"
+    STATIC = "static"  # a fixed sigma, not adapted: the paper's "STAT." baseline
+    BATCH = "batch"  # one sigma learned per batch: the paper's "DYNA."
+    SAMPLE = "sample"  # one sigma learned per input
+
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
+class DentConfig(Section):
+    """Settings of :class:`dent.defenses.Dent`. Defaults are the paper's batch-wise dent (Table 1)."""
+
+    steps: Annotated[int, Field(ge=0, le=10_000)] = 10
+    affine: AffineMode = AffineMode.BATCH
+    stats: StatsMode = StatsMode.FIXED
+    objective: str = "entropy"  # a name in dent.defenses.objectives.OBJECTIVES
+    diversity_weight: NonNegativeFloat = 1.0  # weight of the info-max diversity term, when used
+    optimizer: str = "adam"  # a name in dent.defenses.optim.OPTIMIZERS
+    lr: PositiveFloat = 1e-3
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    beta3: Beta = 0.999  # AdaMod's momental-bound smoothing
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0  # SGD
+    weight_decay: NonNegativeFloat = 0.0
+    input: InputMode = InputMode.NONE
+    sigma_init: PositiveFloat = 0.5  # initial / static blur width, in pixels
+    sigma_lr: PositiveFloat = 0.25
+    max_kernel_size: Annotated[int, Field(ge=1)] = 15  # cap on 2*ceil(3 sigma)+1; must be odd
+    episodic: bool = True  # reset to the initial state after every call (the paper's default)

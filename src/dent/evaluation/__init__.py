@@ -1,0 +1,1 @@
+"""Measuring defenses: clean and robust accuracy, durable results, reports."""
