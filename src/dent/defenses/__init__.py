@@ -1,0 +1,8 @@
+"""Dynamic defense by defensive entropy minimization (dent): test-time adaptation of the model and input."""
+
+from dent.defenses.config import AffineMode, DentConfig, InputMode, StatsMode
+from dent.defenses.dent import Dent
+from dent.defenses.objectives import OBJECTIVES
+from dent.defenses.optim import OPTIMIZERS
+
+__all__ = ["Dent", "DentConfig", "AffineMode", "StatsMode", "InputMode", "OBJECTIVES", "OPTIMIZERS"]

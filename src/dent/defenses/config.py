@@ -5,9 +5,11 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from dent.confbase import Section
+from dent.defenses.objectives import OBJECTIVES
+from dent.defenses.optim import OPTIMIZERS
 
 
 class AffineMode(str, Enum):
@@ -58,3 +60,32 @@ class DentConfig(Section):
     sigma_lr: PositiveFloat = 0.25
     max_kernel_size: Annotated[int, Field(ge=1)] = 15  # cap on 2*ceil(3 sigma)+1; must be odd
     episodic: bool = True  # reset to the initial state after every call (the paper's default)
+
+    @field_validator("objective")
+    @classmethod
+    def _known_objective(cls, value: str) -> str:
+        if value not in OBJECTIVES:
+            raise ValueError(OBJECTIVES.unknown_message(value))
+        return OBJECTIVES.canonical(value)
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        if value not in OPTIMIZERS:
+            raise ValueError(OPTIMIZERS.unknown_message(value))
+        return OPTIMIZERS.canonical(value)
+
+    @field_validator("max_kernel_size")
+    @classmethod
+    def _odd_kernel(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError(f"must be odd so the blur kernel has a center tap, e.g. {value - 1} or {value + 1}")
+        return value
+
+    @model_validator(mode="after")
+    def _episodic_if_per_input(self) -> "DentConfig":
+        # Per-input tensors belong to the inputs of one batch; carrying them over to the next batch, whose
+        # i-th input is unrelated, has no meaning.
+        if not self.episodic and (self.affine is AffineMode.SAMPLE or self.input is InputMode.SAMPLE):
+            raise ValueError("episodic=False needs affine and input other than 'sample' (per-input state)")
+        return self

@@ -1,0 +1,239 @@
+"""The dent wrapper: adapt to each test batch by a few gradient steps, predict, then reset."""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from dent.defenses.blur import gaussian_blur
+from dent.defenses.bn import AdaptiveBatchNorm, batch_norm_slots, swapped
+from dent.defenses.config import AffineMode, DentConfig, InputMode, StatsMode
+from dent.defenses.objectives import OBJECTIVES
+from dent.defenses.optim import OPTIMIZERS
+from dent.errors import InvalidInputError
+
+#: How far outside [0, 1] a pixel may be (float rounding in attacks and data pipelines) before it is an error.
+PIXEL_TOLERANCE = 1e-5
+
+Affine = list[tuple[Tensor, Tensor]]
+
+
+@dataclass
+class _Adaptation:
+    """What dent adapts for one kind of batch: affine tensors per adapted BatchNorm, the blur width, their optimizer.
+
+    ``key`` is what the tensors were built for (batch size when they are per input, device, dtype).
+    """
+
+    affine: Affine
+    raw_sigma: Tensor | None  # sigma = softplus(raw_sigma), which keeps the width positive
+    optimizer: Optimizer | None  # None when there is nothing to learn
+    key: tuple
+
+    def sigma(self) -> Tensor | None:
+        return None if self.raw_sigma is None else F.softplus(self.raw_sigma)
+
+    def snapshot(self) -> tuple[Affine, Tensor | None]:
+        """Detached copies for the final prediction.
+
+        Detached: attacks differentiate through the adapted model, not through the adaptation steps.
+        Copies: a later call updates the live tensors in place, which would invalidate any graph still
+        holding them (e.g. an attack summing the losses of several calls before one backward pass).
+        """
+        affine = [(w.detach().clone(), b.detach().clone()) for w, b in self.affine]
+        sigma = self.sigma()
+        return affine, None if sigma is None else sigma.detach()
+
+
+class Dent(nn.Module):
+    """Defensive entropy minimization (Wang et al., 2021): a dynamic defense around ``model``.
+
+    Called like the model, on images in [0, 1] of shape [B, C, H, W]. Each call starts from the initial
+    state (``config.episodic``, the default) or from the state the previous call left; takes
+    ``config.steps`` optimizer steps on ``config.objective`` of this batch's predictions w.r.t. the adapted
+    tensors, i.e. the BatchNorm scales and shifts (Delta: ``config.affine``) and the width of a Gaussian
+    blur applied to the input (Sigma: ``config.input``); then returns the adapted model's logits.
+
+    The wrapped model is never modified. For the duration of a call it is put in eval mode, its parameters
+    stop requiring grad (so steps compute no weight gradients), and its BatchNorms are swapped for
+    :class:`~dent.defenses.bn.AdaptiveBatchNorm` stand-ins; all of this is undone before returning.
+    BatchNorm statistics are the running ones (``stats='fixed'``) or estimated on the batch
+    (``stats='batch'``); running buffers are never written.
+
+    The returned logits are differentiable w.r.t. the input when grad is enabled: the adapted tensors are
+    constants of that final forward (gradients do not flow through the adaptation steps), as are the
+    wrapped model's weights. Adaptation itself runs with grad enabled even under ``torch.no_grad()``.
+
+    With ``steps=0``, or with nothing to adapt (``affine='none'`` and ``input`` 'none' or 'static'), a
+    call is a plain forward in eval mode, through the static blur if any; with ``stats='fixed'`` and
+    ``input='none'`` that is exactly the wrapped model's eval-mode logits. ``stats='batch'`` still
+    normalizes with the batch's statistics at ``steps=0`` (test-time normalization without updates).
+    """
+
+    def __init__(self, model: nn.Module, config: DentConfig = DentConfig()):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.objective = OBJECTIVES.get(config.objective)
+        self.make_optimizer = OPTIMIZERS.get(config.optimizer)
+        self._slots = batch_norm_slots(self)  # searched from self so that a bare BatchNorm model counts
+        norms = list(dict.fromkeys(norm for _, _, norm in self._slots))
+        affine_norms = [norm for norm in norms if norm.weight is not None]
+        if config.affine is not AffineMode.NONE and not affine_norms:
+            raise InvalidInputError(
+                f"affine={config.affine.value!r} adapts the scale and shift of BatchNorm layers, but the model "
+                "has no BatchNorm layer with affine parameters (nn.BatchNorm1d/2d/3d or SyncBatchNorm with "
+                "affine=True); use affine='none' to adapt only the input"
+            )
+        if config.stats is StatsMode.BATCH and not norms:
+            raise InvalidInputError(
+                "stats='batch' normalizes BatchNorm layers with test-batch statistics, but the model has no "
+                "BatchNorm layer (nn.BatchNorm1d/2d/3d or SyncBatchNorm); use stats='fixed'"
+            )
+        learns = config.steps > 0
+        self._adapted_norms = affine_norms if learns and config.affine is not AffineMode.NONE else []
+        self._learns_sigma = learns and config.input in (InputMode.BATCH, InputMode.SAMPLE)
+        self._per_input = config.affine is AffineMode.SAMPLE or config.input is InputMode.SAMPLE
+        self._swaps_norms = bool(self._adapted_norms) or config.stats is StatsMode.BATCH
+        self._replacements = {norm: AdaptiveBatchNorm(norm, config.stats is StatsMode.BATCH) for norm in norms}
+        sigma = config.sigma_init
+        self._raw_sigma_init = sigma + math.log(-math.expm1(-sigma))  # softplus^-1, stable for any sigma > 0
+        self._state: _Adaptation | None = None
+
+    def reset(self) -> None:
+        """Return to the initial state: the wrapped model's own parameters, ``sigma_init``, fresh optimizer."""
+        if self._state is not None:
+            self._restart(self._state)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x)
+        if torch.is_inference_mode_enabled():
+            # Adaptation needs autograd, which inference mode turns off even inside enable_grad().
+            with torch.inference_mode(False):
+                return self._adapt_and_predict(x.clone())
+        return self._adapt_and_predict(x)
+
+    def _adapt_and_predict(self, x: Tensor) -> Tensor:
+        state = self._state_for(x)
+        with self._model_prepared():
+            if state.optimizer is not None:
+                # Adapt on a detached input: an attacker's x.grad must hold only the final prediction's gradient.
+                inputs = x.detach()
+                with torch.enable_grad():
+                    for _ in range(self.config.steps):
+                        loss = self.objective(self._logits(inputs, state.affine, state.sigma()), self.config)
+                        state.optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        state.optimizer.step()
+            return self._logits(x, *state.snapshot())
+
+    def _logits(self, x: Tensor, affine: Affine, sigma: Tensor | None) -> Tensor:
+        if sigma is not None:
+            x = gaussian_blur(x, sigma, self.config.max_kernel_size)
+        for norm, (weight, bias) in zip(self._adapted_norms, affine):
+            replacement = self._replacements[norm]
+            replacement.weight, replacement.bias = weight, bias
+        return self.model(x)
+
+    @contextmanager
+    def _model_prepared(self) -> Iterator[None]:
+        """Eval mode, no parameter gradients and (when needed) adaptive BatchNorms, restored afterwards."""
+        modes = [(module, module.training) for module in self.model.modules()]
+        grads = [(param, param.requires_grad) for param in self.model.parameters()]
+        try:
+            self.model.eval()
+            self.model.requires_grad_(False)
+            with swapped(self._slots, self._replacements) if self._swaps_norms else nullcontext():
+                yield
+        finally:
+            for param, requires_grad in grads:
+                param.requires_grad_(requires_grad)
+            for module, training in modes:
+                module.training = training
+
+    def _state_for(self, x: Tensor) -> _Adaptation:
+        """The state to adapt from: initial for an episodic call, the last call's otherwise.
+
+        Tensors are (re)built, at the initial state, for a first call and whenever the batch's device or dtype,
+        or its size where tensors are per input, differs from the last call's.
+        """
+        key = (len(x) if self._per_input else None, x.device, x.dtype)
+        if self._state is None or self._state.key != key:
+            self._state = self._build(x, key)
+        elif self.config.episodic:
+            self._restart(self._state)
+        return self._state
+
+    def _build(self, x: Tensor, key: tuple) -> _Adaptation:
+        cfg = self.config
+        affine = []
+        for norm in self._adapted_norms:
+            shape = (len(x), norm.num_features) if cfg.affine is AffineMode.SAMPLE else (norm.num_features,)
+            like = dict(dtype=norm.weight.dtype, device=norm.weight.device, requires_grad=True)
+            affine.append((torch.empty(shape, **like), torch.empty(shape, **like)))
+        raw_sigma = None
+        if cfg.input is not InputMode.NONE:
+            shape = (len(x),) if cfg.input is InputMode.SAMPLE else (1,)
+            raw_sigma = torch.empty(shape, dtype=x.dtype, device=x.device, requires_grad=self._learns_sigma)
+        # The objective is a batch mean, so a per-input tensor's gradient is 1/B of its own input's term's:
+        # undo that, so that per-input steps do not depend on the batch size (for any optimizer, not only
+        # for the nearly scale-invariant Adam/AdaMod) and inputs stay independent of each other.
+        per_input = [t for pair in affine for t in pair] if cfg.affine is AffineMode.SAMPLE else []
+        if self._learns_sigma and cfg.input is InputMode.SAMPLE:
+            per_input.append(raw_sigma)
+        for tensor in per_input:
+            tensor.register_hook(lambda grad, batch=len(x): grad * batch)
+        groups = []
+        if affine:
+            groups.append({"params": [t for pair in affine for t in pair]})
+        if self._learns_sigma:
+            groups.append({"params": [raw_sigma], "lr": cfg.sigma_lr})
+        optimizer = self.make_optimizer(groups, cfg) if groups else None
+        state = _Adaptation(affine, raw_sigma, optimizer, key)
+        self._restart(state)
+        return state
+
+    def _restart(self, state: _Adaptation) -> None:
+        """Back to the initial values, in place, and forget the optimizer's moments."""
+        with torch.no_grad():
+            for norm, (weight, bias) in zip(self._adapted_norms, state.affine):
+                weight.copy_(norm.weight)  # broadcasts [C] -> [B, C] for per-input parameters
+                bias.copy_(norm.bias)
+            if state.raw_sigma is not None:
+                state.raw_sigma.fill_(self._raw_sigma_init)
+        if state.optimizer is not None:
+            state.optimizer.state.clear()
+
+    def _check(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise InvalidInputError(f"Dent expects a tensor of images, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise InvalidInputError(
+                f"Dent expects a batch of images of shape [B, C, H, W], got a {x.dim()}-D tensor of shape "
+                f"{list(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise InvalidInputError(f"Dent expects floating-point pixel values in [0, 1], got dtype {x.dtype}")
+        if x.numel() == 0:
+            raise InvalidInputError(f"Dent expects a non-empty batch, got shape {list(x.shape)}")
+        low, high = torch.stack(torch.aminmax(x.detach())).tolist()  # one device sync; NaN propagates
+        if not (math.isfinite(low) and math.isfinite(high)):
+            bad = int((~torch.isfinite(x)).sum())
+            raise InvalidInputError(f"Dent expects finite pixel values, got {bad} NaN/Inf value(s) in {list(x.shape)}")
+        if low < -PIXEL_TOLERANCE or high > 1 + PIXEL_TOLERANCE:
+            raise InvalidInputError(
+                f"Dent expects pixel values in [0, 1], got values in [{low:.4g}, {high:.4g}]; pass unnormalized "
+                "images (any normalization belongs inside the model)"
+            )
+        if self.config.stats is StatsMode.BATCH and len(x) < 2:
+            raise InvalidInputError(
+                f"stats='batch' estimates BatchNorm statistics on the test batch and needs at least 2 inputs, got "
+                f"a batch of {len(x)}; use stats='fixed' for single inputs"
+            )
