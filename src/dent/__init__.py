@@ -1,0 +1,32 @@
+"""dent: dynamic adversarial defense by defensive entropy minimization, and its honest evaluation.
+
+The Python API in a few lines::
+
+    import dent
+    model = dent.load_model("autoattack_resnet18")          # inputs in [0, 1]
+    defended = dent.Dent(model, dent.DentConfig(steps=10))  # adapts per batch, predicts, resets
+    logits = defended(x)
+
+Layers, with dependencies pointing one way: ``data`` and ``models`` -> ``defenses`` -> ``attacks`` ->
+``evaluation`` / ``training`` -> ``cli``.
+"""
+
+from dent.data import Split, load_split, load_subset
+from dent.defenses import AffineMode, Dent, DentConfig, InputMode, StatsMode
+from dent.models import build_model, list_models, load_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AffineMode",
+    "Dent",
+    "DentConfig",
+    "InputMode",
+    "Split",
+    "StatsMode",
+    "build_model",
+    "list_models",
+    "load_model",
+    "load_split",
+    "load_subset",
+]
