@@ -1,0 +1,69 @@
+"""``dent train``: train a model with a recipe (nominal, pgd, trades, fgsm_rs, alp, dynat); resumable."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from dent.cli.command import add_config_arguments, command, config_from_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="continue from the run directory's checkpoint (same as train.resume true); with no checkpoint yet, start",
+    )
+    parser.add_argument(
+        "--resume-from", metavar="RUN_DIR_OR_CHECKPOINT", default=None,
+        help="continue from this checkpoint (of the same training config), writing into this run's directory",
+    )
+    parser.add_argument(
+        "--until-epoch", type=int, default=None, metavar="N",
+        help="stop after epoch N (of train.epochs); continue later with --resume",
+    )
+    parser.add_argument(
+        "--export", metavar="NAME", default=None,
+        help="when training has finished, export the model as reference checkpoint NAME (fp16 safetensors + card)",
+    )
+    parser.add_argument(
+        "--export-dir", metavar="DIR", default=None,
+        help="where --export writes (default: the reference slot src/dent/models/checkpoints/)",
+    )
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command as typed (rebuilt from the parsed arguments), for the checkpoint and the model card."""
+    words = ["dent", "train"] + (["--cfg", args.cfg] if args.cfg else []) + list(args.overrides)
+    if args.resume:
+        words.append("--resume")
+    if args.resume_from:
+        words += ["--resume-from", args.resume_from]
+    if args.until_epoch is not None:
+        words += ["--until-epoch", str(args.until_epoch)]
+    if args.export:
+        words += ["--export", args.export] + (["--export-dir", args.export_dir] if args.export_dir else [])
+    return shlex.join(words)
+
+
+@command("train", "train a model with a recipe: nominal, pgd, trades, fgsm_rs, alp, dynat (resumable)", add_arguments)
+def run(args: argparse.Namespace) -> int:
+    from dent.training.export import export_reference_checkpoint
+    from dent.training.trainer import train
+
+    cfg = config_from_args(args)
+    result = train(cfg, until_epoch=args.until_epoch, resume=args.resume_from or args.resume, command=command_line(args))
+    last = next((e for e in reversed(result.history) if e.get("clean_acc") is not None), None)
+    summary = f"{result.status} at epoch {result.epoch}/{cfg.train.epochs}"
+    if last is not None:
+        summary += (f"; held-out clean {100 * last['clean_acc']:.2f}%, PGD {100 * last['robust_acc']:.2f}% "
+                    f"(epoch {last['epoch']})")
+    print(f"{cfg.train.recipe} training of {cfg.model.arch}: {summary}")
+    print(f"results: {result.run_dir} (checkpoint.pt, history.json, curves.png, train.log)")
+    if args.export:
+        if result.status == "running":
+            print(f"not exported: training is not finished (resume with --resume, then --export {args.export})")
+        else:
+            weights, card = export_reference_checkpoint(result.run_dir, args.export, directory=args.export_dir)
+            print(f"exported: {weights} and {card}")
+    return 0

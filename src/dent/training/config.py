@@ -1,0 +1,178 @@
+"""The ``train`` config section: recipe, optimization, threat model of the training adversary, evaluation.
+
+Composed into the root :class:`dent.config.RunConfig` as ``cfg.train``; every key can be set from a YAML
+file (``cfgs/train/*.yaml``) or on the command line (``train.attack.eps 8/255``).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Optional
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from dent.attacks.config import Norm
+from dent.attacks.config import check_eps as check_threat_eps
+from dent.confbase import PixelFloat, Section
+
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+Fraction01 = Annotated[float, Field(ge=0, le=1)]
+
+#: Values per input image (CIFAR: 3 x 32 x 32), bounding the L2 radius by the diameter of the [0, 1] box.
+INPUT_DIM = 3 * 32 * 32
+
+
+class BnMode(str, Enum):
+    """The mode a model is put in while adversarial training examples are generated against it."""
+
+    EVAL = "eval"  # running statistics, no buffer updates (TRADES reference code)
+    TRAIN = "train"  # batch statistics, running buffers updated by every attack step (Madry/Rice/Wong code)
+
+
+class Schedule(str, Enum):
+    COSINE = "cosine"  # half-period cosine from lr to 0 (the paper's nominal recipe, pycls)
+    CYCLIC = "cyclic"  # triangular one-cycle: 0 -> lr at `cycle_peak` of training -> 0 (Wong et al. 2020)
+    PIECEWISE = "piecewise"  # lr, divided by 10 at 50% and 75% of training (Madry et al. / Rice et al.)
+    CONSTANT = "constant"
+
+
+def check_eps(norm: Norm, eps: float) -> None:
+    """Raise ``ValueError`` (reported as a :class:`~dent.errors.ConfigError` naming the key) when out of range."""
+    check_threat_eps(Norm(norm), eps, INPUT_DIM)
+
+
+def default_step(norm: Norm, eps: float) -> float:
+    """The usual PGD step: eps/4 for Linf (2/255 at 8/255), eps/5 for L2 (0.1 at 0.5)."""
+    return eps / 4 if norm is Norm.LINF else eps / 5
+
+
+class TrainAttackSection(Section):
+    """The adversary that makes training examples (PGD, FGSM, TRADES, ALP, DYNAT)."""
+
+    norm: Norm = Norm.LINF
+    eps: PixelFloat = 8 / 255
+    step: Optional[PixelFloat] = None  # default: eps/4 (Linf) or eps/5 (L2)
+    steps: Annotated[int, Field(ge=1, le=1000)] = 10
+    random_start: bool = True
+    fgsm_step_scale: Annotated[float, Field(gt=0, le=10)] = 1.25  # FGSM-RS step = scale * eps (Wong et al.)
+    bn_mode: BnMode = BnMode.EVAL
+
+    @field_validator("eps")
+    @classmethod
+    def _eps_in_range(cls, value: float, info: ValidationInfo) -> float:
+        if "norm" in info.data:
+            check_eps(info.data["norm"], value)
+        return value
+
+    @field_validator("step")
+    @classmethod
+    def _positive_step(cls, value: Optional[float]) -> Optional[float]:
+        if value is not None and not value > 0:
+            raise ValueError(f"expected a step size > 0, got {value:g}")
+        return value
+
+    @property
+    def step_size(self) -> float:
+        return self.step if self.step is not None else default_step(self.norm, self.eps)
+
+
+class EvalSection(Section):
+    """Per-epoch clean and PGD accuracy on the held-out images carved from the training split."""
+
+    every: Annotated[int, Field(ge=0)] = 1  # epochs between evaluations (the last epoch always); 0: only the last
+    norm: Optional[Norm] = None  # default: train.attack.norm
+    eps: Optional[PixelFloat] = None  # default: train.attack.eps
+    step: Optional[PixelFloat] = None  # default: eps/4 (Linf) or eps/5 (L2)
+    steps: Annotated[int, Field(ge=1, le=1000)] = 10
+    batch_size: PositiveInt = 256
+    seed: int = 0  # seed of the PGD random start, the same every epoch so epochs are comparable
+
+
+class TradesSection(Section):
+    beta: NonNegativeFloat = 6.0  # weight of the KL robustness term (Zhang et al. 2019)
+
+
+class AlpSection(Section):
+    """Adversarial logit pairing (Kannan et al. 2018) on PGD training."""
+
+    weight: NonNegativeFloat = 0.5  # lambda of the logit-pairing term: mean squared difference of logits
+    clean_weight: Fraction01 = 0.5  # alpha: loss = alpha CE(x) + (1 - alpha) CE(x_adv) + lambda ||Z(x) - Z(x_adv)||^2
+
+
+class DynatSection(Section):
+    """Dynamic-label adversarial training (DYNAT): a guide model trained on clean data alongside the target."""
+
+    guide_arch: Optional[str] = None  # default: model.arch
+    balance: NonNegativeFloat = 1.0  # gamma: loss = CE(target(x_adv), guide labels) + gamma CE(guide(x), y)
+    inner: bool = False  # attack with the guide's dynamic labels instead of the ground truth (inner optimization)
+    guide_lr: Optional[Annotated[float, Field(gt=0)]] = None  # default: train.lr (same schedule)
+
+
+class EarlyStopSection(Section):
+    """Stop on catastrophic overfitting (Wong et al. 2020): held-out PGD accuracy collapses between epochs."""
+
+    enabled: bool = False
+    drop: Annotated[float, Field(gt=0, le=1)] = 0.2  # stop when PGD accuracy falls by more than this since last epoch
+    n_images: PositiveInt = 256  # the held-out batch checked (the first images of the held-out split)
+
+
+class TrainSection(Section):
+    """Everything ``dent train`` needs beyond ``model.arch``, ``data.dataset``/``data.dir`` and ``seed``."""
+
+    recipe: str = "nominal"  # a name in dent.training.recipes.RECIPES
+    epochs: PositiveInt = 200
+    batch_size: PositiveInt = 128
+    n_images: Optional[PositiveInt] = None  # training images (class-stratified); default: all but the held-out ones
+    holdout: PositiveInt = 1000  # held-out images carved from the train split for per-epoch accuracy
+    holdout_seed: int = 0
+    augment: bool = True  # random crop (4-px zero padding) + horizontal flip, on tensors
+    lr: Annotated[float, Field(gt=0)] = 0.1
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    nesterov: bool = False
+    weight_decay: NonNegativeFloat = 5e-4
+    schedule: Schedule = Schedule.COSINE
+    cycle_peak: Annotated[float, Field(gt=0, lt=1)] = 0.5  # cyclic schedule: fraction of training at the peak lr
+    attack: TrainAttackSection = TrainAttackSection()
+    eval: EvalSection = EvalSection()
+    trades: TradesSection = TradesSection()
+    alp: AlpSection = AlpSection()
+    dynat: DynatSection = DynatSection()
+    early_stop: EarlyStopSection = EarlyStopSection()
+    resume: bool = False  # continue from the run directory's checkpoint (same as --resume)
+    progress: bool = True  # tqdm progress bars
+
+    @field_validator("recipe")
+    @classmethod
+    def _known_recipe(cls, value: str) -> str:
+        from dent.training.recipes import RECIPES  # deferred: recipes import torch and the adversaries
+
+        if value not in RECIPES:
+            raise ValueError(RECIPES.unknown_message(value))
+        return RECIPES.canonical(value)
+
+    @model_validator(mode="after")
+    def _eval_eps_in_range(self) -> "TrainSection":
+        try:
+            check_eps(self.eval_norm, self.eval_eps)
+        except ValueError as exc:
+            raise ValueError(f"eval.eps: {exc}") from None
+        if self.eval.step is not None and not self.eval.step > 0:
+            raise ValueError(f"eval.step: expected a step size > 0, got {self.eval.step:g}")
+        return self
+
+    @property
+    def eval_norm(self) -> Norm:
+        return self.eval.norm or self.attack.norm
+
+    @property
+    def eval_eps(self) -> float:
+        return self.eval.eps if self.eval.eps is not None else self.attack.eps
+
+    @property
+    def eval_step(self) -> float:
+        return self.eval.step if self.eval.step is not None else default_step(self.eval_norm, self.eval_eps)
+
+
+#: Keys of ``train`` that do not change what is trained (excluded from the training config hash).
+VOLATILE_TRAIN_KEYS = ("resume", "progress")

@@ -1,0 +1,160 @@
+"""Export a finished training run as a reference checkpoint for the model zoo (fp16 safetensors + model card)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dent.errors import DentError
+from dent.training.curves import CURVES_FILE
+from dent.training.trainer import CHECKPOINT_FILE, load_checkpoint
+
+
+class ExportError(DentError):
+    """A run cannot be exported (unfinished, or missing its checkpoint)."""
+
+
+def export_reference_checkpoint(
+    run_dir: str | Path, name: str, *, directory: str | Path | None = None, allow_unfinished: bool = False
+) -> tuple[Path, Path]:
+    """Write ``<name>.safetensors`` (fp16 weights, architecture in the metadata) and ``<name>.md`` (model card).
+
+    ``directory`` defaults to the reference slot ``src/dent/models/checkpoints/``; register the model in
+    :mod:`dent.models.reference` with the ``register_reference`` line printed in the card.
+    """
+    from dent.models import build_model, save_reference
+    from dent.models.reference import CHECKPOINT_DIR
+
+    run_dir = Path(run_dir)
+    path = run_dir / CHECKPOINT_FILE
+    if not path.is_file():
+        raise ExportError(f"cannot export {str(run_dir)!r}: it holds no {CHECKPOINT_FILE} (expected a dent train run directory)")
+    ckpt = load_checkpoint(path)
+    if ckpt["status"] == "running" and not allow_unfinished:
+        raise ExportError(
+            f"cannot export {str(run_dir)!r}: training stopped at epoch {ckpt['epoch']} of {ckpt['epochs']}; "
+            "finish it with `dent train ... --resume` first (or pass allow_unfinished)"
+        )
+    if not name or not all(c.isalnum() or c in "_-." for c in name):
+        raise ExportError(f"reference name {name!r}: expected letters, digits, '_', '-' or '.'")
+    arch = ckpt["arch"]
+    model = build_model(arch)
+    model.load_state_dict(ckpt["model"])
+    final = _final_accuracy(ckpt["history"])
+    train_cfg = ckpt["config"]["train"]
+    out_dir = Path(directory) if directory is not None else CHECKPOINT_DIR
+    weights = save_reference(
+        model, name, arch, directory=out_dir,
+        metadata={
+            "dent.recipe": ckpt["recipe"],
+            "dent.epochs": str(ckpt["epoch"]),
+            "dent.train_config_hash": ckpt["config_hash"],
+            "dent.heldout_clean_acc": json.dumps(final.get("clean_acc")),
+            "dent.heldout_pgd_acc": json.dumps(final.get("robust_acc")),
+        },
+    )
+    card = out_dir / f"{name}.md"
+    card.write_text(model_card(name, ckpt, run_dir, threat_model(train_cfg, ckpt["recipe"])), encoding="utf-8")
+    return weights, card
+
+
+def threat_model(train_cfg: dict[str, Any], recipe: str) -> str | None:
+    return None if recipe == "nominal" else train_cfg["attack"]["norm"]
+
+
+def _final_accuracy(history: list[dict[str, Any]]) -> dict[str, Any]:
+    evaluated = [e for e in history if e.get("clean_acc") is not None]
+    return evaluated[-1] if evaluated else {}
+
+
+def _pct(value: Any) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def _eps_text(norm: str, eps: float) -> str:
+    from dent.attacks.config import format_eps
+
+    return f"{norm} eps={format_eps(eps, norm)}"
+
+
+def model_card(name: str, ckpt: dict[str, Any], run_dir: Path, threat: str | None) -> str:
+    cfg = ckpt["config"]
+    t = cfg["train"]
+    recipe, arch, epochs = ckpt["recipe"], ckpt["arch"], ckpt["epoch"]
+    final = _final_accuracy(ckpt["history"])
+    eval_norm = t["eval"]["norm"] or t["attack"]["norm"]
+    eval_eps = t["eval"]["eps"] if t["eval"]["eps"] is not None else t["attack"]["eps"]
+    attack = "" if recipe == "nominal" else f" against {_eps_text(t['attack']['norm'], t['attack']['eps'])}"
+    stopped = " (stopped early on catastrophic overfitting)" if ckpt["status"] == "early_stopped" else ""
+    hours = ckpt["wall_time_s"] / 3600
+    invocations = ckpt.get("invocations", [])
+    commands = [i["command"] for i in invocations if i.get("command")] or ["(trained through the Python API)"]
+    machines = {json.dumps(i.get("machine", {}), sort_keys=True): i for i in invocations}
+    hardware = [
+        f"- {i.get('device', '?')}: {m.get('processor', '?')}, {m.get('cpu_threads', '?')} threads"
+        + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f" ({m.get('platform', '?')})"
+        for i in machines.values() for m in [i.get("machine", {})]
+    ] or ["- unknown"]
+    kwargs = "" if threat is None else f', threat_model="{threat}"'
+    lines = [
+        f"# {name}",
+        "",
+        f"{arch} trained with the dent `{recipe}` recipe{attack} on {cfg['data']['dataset']} for {epochs} epochs{stopped}; "
+        f"held-out clean {_pct(final.get('clean_acc'))}, PGD-{t['eval']['steps']} {_pct(final.get('robust_acc'))}.",
+        "",
+        "## Training",
+        "",
+        f"- recipe: `{recipe}`; architecture: `{arch}`; seed {cfg['seed']}",
+        f"- epochs: {epochs} of {ckpt['epochs']} planned{stopped}; batch size {t['batch_size']}; SGD lr {t['lr']:g}, "
+        f"momentum {t['momentum']:g}, weight decay {t['weight_decay']:g}, {t['schedule']} schedule",
+        f"- data: {cfg['data']['dataset']} train split minus {t['holdout']} held-out images "
+        f"(seed {t['holdout_seed']})" + (f", {t['n_images']} training images" if t["n_images"] else "")
+        + (", random crop + flip" if t["augment"] else ""),
+        f"- wall time: {ckpt['wall_time_s']:.0f} s ({hours:.2f} h)",
+        f"- training config hash: `{ckpt['config_hash']}`",
+        "",
+        "Command(s):",
+        "",
+        "```",
+        *commands,
+        "```",
+        "",
+        "Hardware:",
+        "",
+        *hardware,
+        "",
+        "## Accuracy on the held-out split",
+        "",
+        f"Measured on the {t['holdout']} images held out from the *training* split (not the test set) after the "
+        f"last epoch: clean {_pct(final.get('clean_acc'))}, PGD {_pct(final.get('robust_acc'))} "
+        f"(PGD-{t['eval']['steps']}, {_eps_text(eval_norm, eval_eps)}, one random start). "
+        "Evaluate on the test set with the `dent` evaluation commands.",
+        "",
+        "| epoch | train loss | clean | PGD |",
+        "|---:|---:|---:|---:|",
+        *[
+            f"| {e['epoch']} | {e['train_loss']:.4f} | {_pct(e.get('clean_acc'))} | {_pct(e.get('robust_acc'))} |"
+            for e in ckpt["history"]
+        ],
+        "",
+        f"Training curves: `{run_dir / CURVES_FILE}`; log and history in `{run_dir}`.",
+        "",
+        "## Use",
+        "",
+        "Register it in `src/dent/models/reference.py`:",
+        "",
+        "```python",
+        f'register_reference("{name}", "{arch}"{kwargs})',
+        "```",
+        "",
+        "## Full training config",
+        "",
+        "```yaml",
+        yaml.safe_dump(cfg, sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

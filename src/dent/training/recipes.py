@@ -1,0 +1,199 @@
+"""Training recipes: one loss function each, registered by name, all run by the one loop in :mod:`.trainer`.
+
+A recipe turns a (model, batch, config) into a loss to minimize. Recipes that train more than the target
+model (DYNAT's guide) declare *extra modules*: the trainer builds them, optimizes their parameters with
+the target's (in their own parameter group), switches their train/eval mode with the target, and saves
+and restores them in every checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dent.registry import Registry
+from dent.training.adversaries import fgsm_rs_examples, pgd_examples, trades_examples
+from dent.training.config import TrainSection
+
+#: Builds a freshly initialized model from an architecture name.
+ModelBuilder = Callable[[str], nn.Module]
+
+
+@dataclass
+class StepContext:
+    """What a recipe sees at each training step."""
+
+    model: nn.Module
+    cfg: TrainSection
+    generator: torch.Generator  # the only source of randomness a recipe may use (random starts)
+    extras: dict[str, nn.Module] = field(default_factory=dict)
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # scalar, to minimize
+    metrics: dict[str, float] = field(default_factory=dict)  # averaged over the epoch into the JSON log
+    targets: Optional[torch.Tensor] = None  # the labels the main loss was computed against (DYNAT: the guide's)
+
+
+LossFn = Callable[[StepContext, torch.Tensor, torch.Tensor], StepOutput]
+
+
+def no_extras(cfg: TrainSection, arch: str, build: ModelBuilder) -> dict[str, nn.Module]:
+    return {}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    loss: LossFn
+    adversarial: bool = True
+    extra_modules: Callable[[TrainSection, str, ModelBuilder], dict[str, nn.Module]] = no_extras
+    #: learning rate of an extra module's parameter group; default: ``cfg.lr``
+    extra_lr: Callable[[TrainSection, str], float] = lambda cfg, name: cfg.lr
+
+
+RECIPES: Registry[Recipe] = Registry("training recipe")
+
+
+def recipe(name: str, description: str, **options):
+    """Register ``loss(ctx, x, y) -> StepOutput`` as the recipe ``name``."""
+
+    def register(loss: LossFn) -> LossFn:
+        RECIPES.register(name, Recipe(name, description, loss, **options))
+        return loss
+
+    return register
+
+
+# ---------------------------------------------------------------------------------------------------
+# Adversary shortcuts bound to the config
+
+
+def attack_pgd(ctx: StepContext, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    a = ctx.cfg.attack
+    return pgd_examples(
+        ctx.model, x, labels, norm=a.norm, eps=a.eps, step=a.step_size, steps=a.steps,
+        random_init=a.random_start, generator=ctx.generator, bn_mode=a.bn_mode,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure losses (tested on hand-made cases)
+
+
+def trades_loss(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
+    """TRADES: CE(f(x), y) + beta * KL(softmax f(x) || softmax f(x_adv)), the KL averaged over the batch.
+
+    Gradients flow through both the clean and the adversarial logits, as in Zhang et al.'s reference code.
+    """
+    natural = F.cross_entropy(logits_clean, y)
+    robust = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_clean, dim=1), reduction="batchmean")
+    return natural + beta * robust
+
+
+def alp_loss(
+    logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, clean_weight: float, weight: float
+) -> torch.Tensor:
+    """ALP: alpha CE(f(x), y) + (1 - alpha) CE(f(x_adv), y) + lambda * mean squared logit difference."""
+    ce = clean_weight * F.cross_entropy(logits_clean, y) + (1 - clean_weight) * F.cross_entropy(logits_adv, y)
+    return ce + weight * F.mse_loss(logits_adv, logits_clean)
+
+
+def dynamic_labels(guide_logits: torch.Tensor) -> torch.Tensor:
+    """DYNAT's dynamic labels: the guide's winning class on the clean input (no gradient)."""
+    return guide_logits.detach().argmax(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Recipes
+
+
+@recipe("nominal", "standard training: cross-entropy on clean (augmented) images", adversarial=False)
+def nominal(ctx: StepContext, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+    logits = ctx.model(x)
+    return StepOutput(F.cross_entropy(logits, y), {"acc": _acc(logits, y)}, y)
+
+
+@recipe("pgd", "PGD adversarial training (Madry et al. 2018): cross-entropy on PGD examples")
+def pgd(ctx: StepContext, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+    logits = ctx.model(attack_pgd(ctx, x, y))
+    return StepOutput(F.cross_entropy(logits, y), {"adv_acc": _acc(logits, y)}, y)
+
+
+@recipe("fgsm_rs", "fast adversarial training (Wong et al. 2020): FGSM from a random start, step 1.25 eps")
+def fgsm_rs(ctx: StepContext, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+    a = ctx.cfg.attack
+    x_adv = fgsm_rs_examples(
+        ctx.model, x, y, norm=a.norm, eps=a.eps, step_scale=a.fgsm_step_scale, generator=ctx.generator,
+        bn_mode=a.bn_mode,
+    )
+    logits = ctx.model(x_adv)
+    return StepOutput(F.cross_entropy(logits, y), {"adv_acc": _acc(logits, y)}, y)
+
+
+@recipe("trades", "TRADES (Zhang et al. 2019): clean cross-entropy + beta KL(clean || adversarial)")
+def trades(ctx: StepContext, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+    a = ctx.cfg.attack
+    x_adv = trades_examples(
+        ctx.model, x, norm=a.norm, eps=a.eps, step=a.step_size, steps=a.steps, generator=ctx.generator,
+        bn_mode=a.bn_mode,
+    )
+    logits_clean, logits_adv = ctx.model(x), ctx.model(x_adv)
+    loss = trades_loss(logits_clean, logits_adv, y, ctx.cfg.trades.beta)
+    return StepOutput(loss, {"acc": _acc(logits_clean, y), "adv_acc": _acc(logits_adv, y)}, y)
+
+
+@recipe("alp", "adversarial logit pairing (Kannan et al. 2018) on PGD training")
+def alp(ctx: StepContext, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+    x_adv = attack_pgd(ctx, x, y)
+    logits_clean, logits_adv = ctx.model(x), ctx.model(x_adv)
+    loss = alp_loss(logits_clean, logits_adv, y, ctx.cfg.alp.clean_weight, ctx.cfg.alp.weight)
+    pairing = F.mse_loss(logits_adv.detach(), logits_clean.detach()).item()
+    return StepOutput(loss, {"acc": _acc(logits_clean, y), "adv_acc": _acc(logits_adv, y), "pairing": pairing}, y)
+
+
+def dynat_extras(cfg: TrainSection, arch: str, build: ModelBuilder) -> dict[str, nn.Module]:
+    return {"guide": build(cfg.dynat.guide_arch or arch)}
+
+
+def dynat_guide_lr(cfg: TrainSection, name: str) -> float:
+    return cfg.dynat.guide_lr if cfg.dynat.guide_lr is not None else cfg.lr
+
+
+@recipe(
+    "dynat",
+    "dynamic-label adversarial training: target trained on adversarial examples against a clean guide's labels",
+    extra_modules=dynat_extras,
+    extra_lr=dynat_guide_lr,
+)
+def dynat(ctx: StepContext, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+    """loss = CE(target(x_adv), argmax guide(x)) + balance * CE(guide(x), y).
+
+    The adversarial examples maximize the target's cross-entropy against the ground truth, or, with
+    ``dynat.inner``, against the guide's dynamic labels (the paper's inner optimization). The two terms
+    touch disjoint parameters; ``balance`` scales the guide's gradient.
+    """
+    guide = ctx.extras["guide"]
+    guide_logits = guide(x)
+    labels = dynamic_labels(guide_logits)
+    x_adv = attack_pgd(ctx, x, labels if ctx.cfg.dynat.inner else y)
+    logits_adv = ctx.model(x_adv)
+    target_loss = F.cross_entropy(logits_adv, labels)
+    guide_loss = F.cross_entropy(guide_logits, y)
+    metrics = {
+        "target_loss": target_loss.item(),
+        "guide_loss": guide_loss.item(),
+        "guide_acc": _acc(guide_logits, y),
+        "adv_acc": _acc(logits_adv, y),
+    }
+    return StepOutput(target_loss + ctx.cfg.dynat.balance * guide_loss, metrics, labels)
+
+
+def _acc(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return (logits.detach().argmax(dim=1) == y).float().mean().item()

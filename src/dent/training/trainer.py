@@ -1,0 +1,628 @@
+"""The one training loop shared by every recipe: data, schedule, evaluation, checkpoints and resume.
+
+Determinism: all randomness of an epoch (shuffling, augmentation, attack random starts) comes from a
+``torch.Generator`` seeded with (``seed``, epoch); the global torch / numpy / python RNG states, model,
+optimizer, scheduler and recipe modules are saved in every checkpoint. So on the CPU a run stopped after
+epoch k and resumed ends with exactly the weights of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dent.attacks.config import format_eps
+from dent.config import RunConfig
+from dent.confbase import config_hash
+from dent.data.split import Split
+from dent.errors import ConfigError, CorruptFileError, DentError
+from dent.provenance import machine_description, write_run_metadata
+from dent.runtime import resolve_device
+from dent.training.adversaries import model_mode
+from dent.training.augment import random_crop_flip
+from dent.training.config import VOLATILE_TRAIN_KEYS, BnMode, Schedule, TrainSection
+from dent.training.curves import plot_curves, write_history
+from dent.training.recipes import RECIPES, ModelBuilder, Recipe, StepContext
+
+CHECKPOINT_FILE = "checkpoint.pt"
+LOG_FILE = "train.log"
+CHECKPOINT_FORMAT = "dent-train-checkpoint/1"
+
+log = logging.getLogger("dent.training")
+
+
+class ResumeError(DentError):
+    """A checkpoint cannot be resumed: missing, of another config, or the run directory is already in use."""
+
+
+class TrainingError(DentError):
+    """Training cannot go on (e.g. the loss diverged), usually because of a config value such as the lr."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config identity
+
+
+def training_config(cfg: RunConfig) -> dict[str, Any]:
+    """The part of the run config that decides what is trained (its hash names the run and guards resume)."""
+    data = cfg.to_dict()
+    train = {k: v for k, v in data["train"].items() if k not in VOLATILE_TRAIN_KEYS}
+    return {"model": {"arch": data["model"]["arch"]}, "data": {"dataset": data["data"]["dataset"]},
+            "seed": data["seed"], "train": train}
+
+
+def training_hash(cfg: RunConfig) -> str:
+    return config_hash(training_config(cfg))
+
+
+def training_run_dir(cfg: RunConfig) -> Path:
+    """``output.root / output.name``, default ``output.root / train-<hash of the training config>``."""
+    return cfg.output.root / (cfg.output.name or f"train-{training_hash(cfg)[:8]}")
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    a, b = flatten(old), flatten(new)
+    missing = object()
+    return [
+        f"{key}: {a.get(key, '<absent>')!r} in the checkpoint, {b.get(key, '<absent>')!r} now"
+        for key in sorted(a.keys() | b.keys())
+        if a.get(key, missing) != b.get(key, missing)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass(frozen=True)
+class TrainData:
+    train: Split
+    holdout: Split
+
+
+def carve_holdout(full: Split, train_cfg: TrainSection) -> TrainData:
+    """Held-out images (class-stratified, ``holdout_seed``) and the training images (the rest, or a
+    stratified ``n_images`` of it) from one split."""
+    from dent.data.stratify import stratified_indices
+
+    n_hold = train_cfg.holdout
+    n_train = train_cfg.n_images
+    available = len(full) - n_hold
+    if available < 2 or (n_train is not None and n_train > available):
+        want = n_train if n_train is not None else 2
+        raise ConfigError(
+            f"the {full.name} split has {len(full)} images: cannot hold out train.holdout={n_hold} and still "
+            f"train on train.n_images={want}; expected holdout + n_images <= {len(full)}"
+        )
+    if n_train is not None and n_train < 2:
+        raise ConfigError(f"train.n_images={n_train}: expected at least 2 training images")
+    hold = stratified_indices(full.labels, n_hold, train_cfg.holdout_seed)
+    mask = torch.ones(len(full), dtype=torch.bool)
+    mask[hold] = False
+    rest = torch.nonzero(mask).flatten()
+    if n_train is not None:
+        rest = rest[stratified_indices(full.labels[rest], n_train, train_cfg.holdout_seed)]
+    return TrainData(train=full.subset(rest), holdout=full.subset(hold))
+
+
+def prepare_data(cfg: RunConfig) -> TrainData:
+    from dent.data import load_split
+
+    full = load_split(cfg.data.dataset, "train", data_dir=cfg.data.dir, download=cfg.data.download)
+    return carve_holdout(full, cfg.train)
+
+
+@torch.no_grad()
+def clean_and_pgd_accuracy(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, norm, eps: float, step: float, steps: int,
+    batch_size: int, seed: int = 0, device: torch.device | str = "cpu",
+) -> tuple[float, float]:
+    """Clean and PGD accuracy of ``model`` in eval mode (its mode is restored), by :func:`dent.attacks.pgd`
+    (cross-entropy, one random start seeded per batch; a point counts as broken at any misclassified query)."""
+    from dent.attacks.pgd import pgd
+
+    if len(images) == 0:
+        return float("nan"), float("nan")
+    clean = robust = 0
+    with model_mode(model, BnMode.EVAL):
+        for b, start in enumerate(range(0, len(images), batch_size)):
+            x = images[start : start + batch_size].to(device)
+            y = labels[start : start + batch_size].to(device)
+            clean += int((model(x).argmax(dim=1) == y).sum())
+            result = pgd(model, x, y, norm=norm, eps=eps, n_iter=steps, step_size=step, seed=seed * 100_003 + b)
+            robust += int(result.robust.sum())
+    return clean / len(images), robust / len(images)
+
+
+def default_builder(num_classes: int) -> ModelBuilder:
+    def build(arch: str) -> nn.Module:
+        from dent.models import build_model
+
+        return build_model(arch, num_classes=num_classes)
+
+    return build
+
+
+# ---------------------------------------------------------------------------------------------------
+# Schedule
+
+
+def lr_factor(schedule: Schedule, step: int, total: int, cycle_peak: float = 0.5) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step`` of ``total``."""
+    p = min(step / max(total, 1), 1.0)
+    if schedule is Schedule.COSINE:
+        return 0.5 * (1 + math.cos(math.pi * p))
+    if schedule is Schedule.CYCLIC:  # as in Wong et al.: evaluated after the step, so the first step moves
+        p = min((step + 1) / max(total, 1), 1.0)
+        return p / cycle_peak if p < cycle_peak else max(0.0, (1 - p) / (1 - cycle_peak))
+    if schedule is Schedule.PIECEWISE:
+        return 1.0 if p < 0.5 else 0.1 if p < 0.75 else 0.01
+    return 1.0
+
+
+def steps_per_epoch(n_images: int, batch_size: int) -> int:
+    """Batches per epoch; a last batch of a single image is dropped (BatchNorm cannot train on it)."""
+    full, rest = divmod(n_images, batch_size)
+    return full + (1 if rest >= 2 else 0)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
+
+
+# ---------------------------------------------------------------------------------------------------
+# RNG state (kept to plain types and tensors so checkpoints load with weights_only=True)
+
+
+def rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise CorruptFileError(f"cannot read training checkpoint {str(path)!r}: {exc}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CorruptFileError(
+            f"{str(path)!r} is not a dent training checkpoint (expected format {CHECKPOINT_FORMAT!r})"
+        )
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------
+# The trainer
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model: nn.Module
+    extras: dict[str, nn.Module]
+    history: list[dict[str, Any]]
+    status: str  # "running" (stopped by until_epoch), "finished" or "early_stopped"
+    epoch: int
+
+
+@dataclass
+class _State:
+    epoch: int = 0
+    status: str = "running"
+    history: list[dict[str, Any]] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    invocations: list[dict[str, Any]] = field(default_factory=list)  # command, machine, start of each run
+    co_prev_acc: Optional[float] = None
+
+
+class Trainer:
+    """Trains ``cfg.model.arch`` with ``cfg.train.recipe`` on ``data``; writes everything into ``run_dir``.
+
+    ``build`` makes a freshly initialized model from an architecture name (default: :func:`dent.models.build_model`).
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        data: TrainData,
+        *,
+        run_dir: Path | None = None,
+        build: ModelBuilder | None = None,
+        device: torch.device | str | None = None,
+        progress: bool | None = None,
+        console: bool = True,
+        command: str | None = None,
+    ):
+        self.cfg = cfg
+        self.command = command  # the command line, recorded in the checkpoint and the model card
+        self.tcfg: TrainSection = cfg.train
+        self.recipe: Recipe = RECIPES.get(cfg.train.recipe)
+        self.data = data
+        self.run_dir = Path(run_dir) if run_dir is not None else training_run_dir(cfg)
+        self.device = torch.device(device) if device is not None else resolve_device(cfg.device)
+        self.build = build or default_builder(len(data.train.classes))
+        self.progress = self.tcfg.progress if progress is None else progress
+        self.console = console
+        self.hash = training_hash(cfg)
+        self.steps_per_epoch = steps_per_epoch(len(data.train), self.tcfg.batch_size)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"{len(data.train)} training image(s): expected at least 2 to train on")
+
+    # -- setup -----------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Build the (seeded) model, recipe modules, optimizer and schedule; called by :meth:`run`."""
+        from dent.runtime import seed_everything
+
+        seed_everything(self.cfg.seed)
+        arch = self.cfg.model.arch
+        self.model = self.build(arch).to(self.device)
+        self.extras = {k: m.to(self.device) for k, m in self.recipe.extra_modules(self.tcfg, arch, self.build).items()}
+        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.tcfg.lr}]
+        for name, module in self.extras.items():
+            groups.append({"params": [p for p in module.parameters() if p.requires_grad],
+                           "lr": self.recipe.extra_lr(self.tcfg, name)})
+        self.optimizer = torch.optim.SGD(
+            groups, lr=self.tcfg.lr, momentum=self.tcfg.momentum, nesterov=self.tcfg.nesterov,
+            weight_decay=self.tcfg.weight_decay,
+        )
+        total = self.tcfg.epochs * self.steps_per_epoch
+        schedule, peak = self.tcfg.schedule, self.tcfg.cycle_peak
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(schedule, step, total, peak)
+        )
+        self.state = _State()
+        self.co_prev_model: Optional[dict[str, torch.Tensor]] = None
+
+    def _checkpoint(self) -> dict[str, Any]:
+        s = self.state
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": s.epoch,
+            "epochs": self.tcfg.epochs,
+            "status": s.status,
+            "recipe": self.recipe.name,
+            "arch": self.cfg.model.arch,
+            "config": training_config(self.cfg),
+            "config_hash": self.hash,
+            "model": self.model.state_dict(),
+            "extras": {k: m.state_dict() for k, m in self.extras.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+            "history": s.history,
+            "wall_time_s": s.wall_time_s,
+            "invocations": s.invocations,
+            "early_stop": {"prev_acc": s.co_prev_acc},
+        }
+
+    def _restore(self, ckpt: dict[str, Any], source: Path) -> None:
+        if ckpt.get("config_hash") != self.hash:
+            diffs = config_differences(ckpt.get("config", {}), training_config(self.cfg))
+            shown = "\n  ".join(diffs) if diffs else "(no key differs; the checkpoint's hash is stale)"
+            raise ResumeError(
+                f"cannot resume from {str(source)!r}: it was written by another training config "
+                f"(hash {str(ckpt.get('config_hash'))[:8]}, expected {self.hash[:8]}); differing keys:\n  {shown}\n"
+                "resume with the same config, or start a new run (another output.name)"
+            )
+        self.model.load_state_dict(ckpt["model"])
+        for name, module in self.extras.items():
+            module.load_state_dict(ckpt["extras"][name])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        self.state = _State(
+            epoch=int(ckpt["epoch"]), status=ckpt["status"], history=list(ckpt["history"]),
+            wall_time_s=float(ckpt["wall_time_s"]), invocations=list(ckpt["invocations"]),
+            co_prev_acc=ckpt["early_stop"]["prev_acc"],
+        )
+        if self.tcfg.early_stop.enabled:
+            self.co_prev_model = copy.deepcopy(self.model.state_dict())
+
+    def _resume_source(self, resume: bool | str | Path | None) -> Optional[Path]:
+        own = self.run_dir / CHECKPOINT_FILE
+        if isinstance(resume, (str, Path)):
+            source = Path(resume)
+            source = source / CHECKPOINT_FILE if source.is_dir() else source
+            if not source.is_file():
+                raise ResumeError(f"cannot resume: no checkpoint at {str(source)!r} (expected a file or a run directory "
+                                  f"holding {CHECKPOINT_FILE})")
+            return source
+        if resume or self.tcfg.resume:
+            if own.is_file():
+                return own
+            log.info("no checkpoint in %s yet: starting from epoch 0", self.run_dir)
+            return None
+        if own.is_file():
+            raise ResumeError(
+                f"the run directory {str(self.run_dir)!r} already holds a checkpoint; pass --resume "
+                "(or train.resume true) to continue it, or choose another output.name to start a new run"
+            )
+        return None
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def run(self, until_epoch: int | None = None, resume: bool | str | Path | None = None) -> TrainResult:
+        """Train up to ``until_epoch`` (default ``train.epochs``), resuming when asked; returns the result."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        handlers = self._attach_log()
+        try:
+            return self._run(until_epoch, resume)
+        finally:
+            for handler in handlers:
+                log.removeHandler(handler)
+                handler.close()
+
+    def _run(self, until_epoch: int | None, resume: bool | str | Path | None) -> TrainResult:
+        total_epochs = self.tcfg.epochs
+        end = total_epochs if until_epoch is None else until_epoch
+        if not 1 <= end <= total_epochs:
+            raise ConfigError(f"until_epoch={until_epoch}: expected 1..{total_epochs} (train.epochs)")
+        source = self._resume_source(resume)
+        self.setup()
+        if source is not None:
+            self._restore(load_checkpoint(source, self.device), source)
+            log.info("resumed from %s at epoch %d/%d (%s)", source, self.state.epoch, total_epochs, self.state.status)
+        write_run_metadata(self.run_dir, self.cfg.to_dict())
+        self.state.invocations.append({
+            "command": self.command or "", "start_epoch": self.state.epoch, "until_epoch": end,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_description(),
+            "device": str(self.device),
+        })
+        if self.state.status != "running" or self.state.epoch >= end:
+            log.info("nothing to train: the run is at epoch %d (%s)", self.state.epoch, self.state.status)
+            return self._result()
+
+        log.info(
+            "training %s with recipe %s on %d images (%d held out), %d batches of %d per epoch, epochs %d..%d of %d, "
+            "device %s, run dir %s", self.cfg.model.arch, self.recipe.name, len(self.data.train), len(self.data.holdout),
+            self.steps_per_epoch, self.tcfg.batch_size, self.state.epoch + 1, end, total_epochs, self.device, self.run_dir,
+        )
+        epochs_bar = tqdm(
+            total=end, initial=self.state.epoch, desc=f"train {self.recipe.name}", unit="epoch",
+            disable=not self.progress, position=0, dynamic_ncols=True, mininterval=_bar_interval(),
+        )
+        try:
+            for epoch in range(self.state.epoch + 1, end + 1):
+                entry = self._epoch(epoch)
+                epochs_bar.update(1)
+                epochs_bar.set_postfix(loss=f"{entry['train_loss']:.3f}")
+                if self.state.status == "early_stopped":
+                    break
+        finally:
+            epochs_bar.close()
+        return self._result()
+
+    def _epoch(self, epoch: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        tcfg = self.tcfg
+        generator = epoch_generator(self.cfg.seed, epoch)
+        ctx = StepContext(self.model, tcfg, generator, self.extras)
+        self._train_mode(True)
+        images, labels = self.data.train.images, self.data.train.labels
+        order = torch.randperm(len(labels), generator=generator)
+        sums: dict[str, float] = defaultdict(float)
+        seen = 0
+        bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch}/{tcfg.epochs}", unit="batch",
+                   disable=not self.progress, leave=False, position=1, dynamic_ncols=True,
+                   mininterval=_bar_interval())
+        for i in bar:
+            index = order[i * tcfg.batch_size : (i + 1) * tcfg.batch_size]
+            x, y = images[index], labels[index]
+            if tcfg.augment:
+                x = random_crop_flip(x, generator)
+            x, y = x.to(self.device), y.to(self.device)
+            out = self.recipe.loss(ctx, x, y)
+            if not torch.isfinite(out.loss):
+                raise TrainingError(
+                    f"the {self.recipe.name} loss became {out.loss.item()} at epoch {epoch}, batch {i + 1}; "
+                    f"expected a finite loss: lower train.lr (now {tcfg.lr:g})"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            n = len(y)
+            seen += n
+            sums["train_loss"] += out.loss.item() * n
+            for key, value in out.metrics.items():
+                sums[key] += value * n
+            bar.set_postfix(loss=f"{sums['train_loss'] / seen:.3f}", refresh=False)
+        bar.close()
+        self._train_mode(False)
+        train_time = time.perf_counter() - t0
+
+        entry: dict[str, Any] = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
+        entry.update({key: value / seen for key, value in sums.items()})
+        entry["clean_acc"] = entry["robust_acc"] = None
+        if self._eval_due(epoch):
+            entry["clean_acc"], entry["robust_acc"] = self._evaluate(self.data.holdout)
+        if tcfg.early_stop.enabled:
+            self._check_overfitting(epoch, entry)
+        elapsed = time.perf_counter() - t0
+        self.state.wall_time_s += elapsed
+        entry.update(train_time_s=round(train_time, 3), epoch_time_s=round(elapsed, 3),
+                     wall_time_s=round(self.state.wall_time_s, 3))
+        self.state.epoch = epoch
+        if self.state.status == "running" and epoch == tcfg.epochs:
+            self.state.status = "finished"
+        self.state.history.append(entry)
+        atomic_torch_save(self._checkpoint(), self.run_dir / CHECKPOINT_FILE)
+        self._write_log_files()
+        log.info("epoch %d/%d: %s", epoch, tcfg.epochs, _summary(entry))
+        return entry
+
+    def _train_mode(self, training: bool) -> None:
+        self.model.train(training)
+        for module in self.extras.values():
+            module.train(training)
+
+    def _eval_due(self, epoch: int) -> bool:
+        every = self.tcfg.eval.every
+        return epoch == self.tcfg.epochs or (every > 0 and epoch % every == 0)
+
+    def _evaluate(self, split: Split) -> tuple[float, float]:
+        t = self.tcfg
+        return clean_and_pgd_accuracy(
+            self.model, split.images, split.labels, norm=t.eval_norm, eps=t.eval_eps, step=t.eval_step,
+            steps=t.eval.steps, batch_size=t.eval.batch_size, seed=t.eval.seed, device=self.device,
+        )
+
+    def _check_overfitting(self, epoch: int, entry: dict[str, Any]) -> None:
+        """Wong et al.'s early stop: PGD accuracy on a held-out batch falls by more than ``drop`` in one epoch."""
+        es = self.tcfg.early_stop
+        batch = self.data.holdout.subset(range(min(es.n_images, len(self.data.holdout))))
+        _, acc = self._evaluate(batch)
+        entry["co_check_acc"] = acc
+        prev = self.state.co_prev_acc
+        if prev is not None and acc < prev - es.drop and self.co_prev_model is not None:
+            self.model.load_state_dict(self.co_prev_model)
+            self.state.status = "early_stopped"
+            entry["early_stopped"] = True
+            log.warning(
+                "catastrophic overfitting at epoch %d: PGD accuracy on %d held-out images fell from %.1f%% to %.1f%% "
+                "(more than train.early_stop.drop=%g); stopping and keeping the weights of epoch %d",
+                epoch, len(batch), 100 * prev, 100 * acc, es.drop, epoch - 1,
+            )
+            entry["clean_acc"], entry["robust_acc"] = self._evaluate(self.data.holdout)  # of the weights kept
+            return
+        self.state.co_prev_acc = acc
+        self.co_prev_model = copy.deepcopy(self.model.state_dict())
+
+    # -- outputs -----------------------------------------------------------------------------------
+
+    def _history_doc(self) -> dict[str, Any]:
+        t = self.tcfg
+        return {
+            "recipe": self.recipe.name,
+            "arch": self.cfg.model.arch,
+            "config_hash": self.hash,
+            "status": self.state.status,
+            "epochs_planned": t.epochs,
+            "n_train": len(self.data.train),
+            "n_holdout": len(self.data.holdout),
+            "robust_label": f"PGD-{t.eval.steps} {t.eval_norm.value} {format_eps(t.eval_eps, t.eval_norm)}",
+            "wall_time_s": round(self.state.wall_time_s, 3),
+            "epochs": self.state.history,
+        }
+
+    def _write_log_files(self) -> None:
+        doc = self._history_doc()
+        write_history(self.run_dir, doc)
+        try:
+            plot_curves(self.run_dir, doc)
+        except Exception as exc:  # noqa: BLE001 - a plotting problem must not stop training
+            log.warning("could not draw the training curves: %s", exc)
+
+    def _attach_log(self) -> list[logging.Handler]:
+        fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+        handlers: list[logging.Handler] = [logging.FileHandler(self.run_dir / LOG_FILE, mode="a")]
+        if self.console:
+            handlers.append(logging.StreamHandler(sys.stderr))
+        for handler in handlers:
+            handler.setFormatter(fmt)
+            log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        return handlers
+
+    def _result(self) -> TrainResult:
+        return TrainResult(self.run_dir, self.model, self.extras, self.state.history, self.state.status,
+                           self.state.epoch)
+
+
+def _bar_interval() -> float:
+    """Seconds between progress-bar refreshes: often on a terminal, rarely when stderr goes to a file."""
+    return 0.5 if sys.stderr.isatty() else 30.0
+
+
+def _summary(entry: dict[str, Any]) -> str:
+    parts = [f"loss {entry['train_loss']:.4f}", f"lr {entry['lr']:.4g}"]
+    if entry.get("clean_acc") is not None:
+        parts.append(f"held-out clean {100 * entry['clean_acc']:.1f}% PGD {100 * entry['robust_acc']:.1f}%")
+    if "co_check_acc" in entry:
+        parts.append(f"CO check {100 * entry['co_check_acc']:.1f}%")
+    parts.append(f"{entry['epoch_time_s']:.1f}s")
+    return ", ".join(parts)
+
+
+def train(
+    cfg: RunConfig,
+    *,
+    until_epoch: int | None = None,
+    resume: bool | str | Path | None = None,
+    data: TrainData | None = None,
+    build: ModelBuilder | None = None,
+    run_dir: Path | None = None,
+    device: torch.device | str | None = None,
+    progress: bool | None = None,
+    console: bool = True,
+    command: str | None = None,
+) -> TrainResult:
+    """Train as ``cfg`` says (loading CIFAR and building the model unless ``data`` / ``build`` are given)."""
+    if build is None:  # fail on a bad architecture name before loading data or creating the run directory
+        from dent.models import ARCHITECTURES
+
+        ARCHITECTURES.get(cfg.model.arch)
+        if RECIPES.get(cfg.train.recipe).name == "dynat" and cfg.train.dynat.guide_arch:
+            ARCHITECTURES.get(cfg.train.dynat.guide_arch)
+    trainer = Trainer(cfg, data if data is not None else prepare_data(cfg), run_dir=run_dir, build=build,
+                      device=device, progress=progress, console=console, command=command)
+    return trainer.run(until_epoch=until_epoch, resume=resume)
+
+
+__all__ = [
+    "CHECKPOINT_FILE", "ResumeError", "TrainData", "TrainResult", "Trainer", "TrainingError", "carve_holdout",
+    "load_checkpoint", "lr_factor", "prepare_data", "train", "training_config", "training_hash", "training_run_dir",
+]

@@ -1,0 +1,110 @@
+"""``dent train`` on the command line, its config errors, and exporting a run as a reference checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dent.cli.main import main
+from dent.errors import DataNotFoundError
+from dent.training.export import ExportError, export_reference_checkpoint
+from dent.training.trainer import carve_holdout, default_builder, train
+from training_support import one_thread, synthetic_split, tiny_config  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CFG_FILES = ["nominal", "pgd", "pgd_l2", "trades", "fgsm_rs", "alp", "dynat",
+             "cpu_nominal_resnet26_1", "cpu_fgsm_rs_resnet26_1"]
+
+
+@pytest.mark.parametrize("name", CFG_FILES)
+def test_shipped_configs_load(name):
+    from dent.config import load_config
+
+    cfg = load_config(f"cfgs/train/{name}.yaml")
+    assert cfg.train.recipe == name.replace("cpu_", "").replace("_resnet26_1", "").replace("_l2", "")
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["train.recipe", "madry"], ["unknown training recipe 'madry'", "pgd", "trades", "dynat"]),
+        (["train.attack.eps", "8"], ["train.attack.eps", "Linf epsilon 8", "8/255"]),
+        (["train.attack.norm", "L2", "train.attack.eps", "80"], ["train.attack.eps", "L2 epsilon 80"]),
+        (["train.eval.eps=-1/255"], ["eval.eps", "> 0"]),
+        (["train.attack.eps", "0"], ["train.attack.eps", "> 0"]),
+        (["train.schedul", "cosine"], ["unknown config key 'train.schedul'"]),
+    ],
+)
+def test_bad_config_is_a_clear_error(overrides, expected, capsys):
+    assert main(["train", *overrides]) == 2
+    err = capsys.readouterr().err
+    for text in expected:
+        assert text in err, err
+
+
+def test_cli_trains_resumes_and_refuses_another_config(tmp_path, capsys):
+    common = ["--cfg", "cfgs/train/cpu_fgsm_rs_resnet26_1.yaml", "output.root", str(tmp_path), "output.name", "r",
+              "train.n_images", "48", "train.holdout", "16", "train.batch_size", "16", "train.epochs", "2",
+              "train.eval.steps", "1", "train.progress", "false"]
+    try:
+        code = main(["train", *common, "--until-epoch", "1"])
+    except DataNotFoundError:
+        pytest.skip("CIFAR-10 is not available on this machine")
+    assert code == 0, capsys.readouterr().err
+    assert "running at epoch 1/2" in capsys.readouterr().out
+    assert main(["train", *common]) == 2  # a checkpoint exists: --resume is required
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", *common, "train.lr", "0.05", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "another training config" in err and "train.lr" in err
+    assert main(["train", *common, "--resume", "--export", "cli_ref", "--export-dir", str(tmp_path / "zoo")]) == 0
+    out = capsys.readouterr().out
+    assert "finished at epoch 2/2" in out and "exported" in out
+    history = json.loads((tmp_path / "r" / "history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2]
+    assert (tmp_path / "zoo" / "cli_ref.safetensors").is_file()
+    card = (tmp_path / "zoo" / "cli_ref.md").read_text()
+    assert "dent train --cfg cfgs/train/cpu_fgsm_rs_resnet26_1.yaml" in card and "--resume" in card
+
+
+def test_export_reference_checkpoint(tmp_path):
+    from dent.models import build_model, load_weights, read_state_dict
+    from dent.models.checkpoints import read_safetensors_metadata
+
+    cfg = tiny_config("pgd", "model.arch", "resnet26_1", "train.attack.steps", "1", "train.eval.steps", "1",
+                      "train.holdout", "10", "train.batch_size", "16")
+    data = carve_holdout(synthetic_split(42, size=32), cfg.train)
+    run_dir = tmp_path / "run"
+    result = train(cfg, data=data, build=default_builder(10), run_dir=run_dir, console=False,
+                   command="dent train --cfg x.yaml")
+    weights, card = export_reference_checkpoint(run_dir, "tiny_pgd", directory=tmp_path / "zoo")
+    state = read_state_dict(weights)
+    from safetensors.torch import load_file
+
+    raw = load_file(str(weights))
+    assert all(t.dtype == torch.float16 for t in raw.values() if t.is_floating_point())
+    meta = read_safetensors_metadata(weights)
+    assert meta["dent.arch"] == "resnet26_1" and meta["dent.recipe"] == "pgd"
+    model = load_weights(build_model("resnet26_1"), state, weights, "resnet26_1").eval()
+    x = data.holdout.images[:4]
+    with torch.no_grad():
+        assert torch.allclose(model(x), result.model.eval()(x), atol=5e-2)
+    text = card.read_text()
+    first_line = next(line for line in text.splitlines() if line and not line.startswith("#"))
+    assert "resnet26_1" in first_line and "pgd" in first_line and "held-out clean" in first_line
+    for needle in ("dent train --cfg x.yaml", "epochs: 1 of 1", "wall time", "Hardware", "PGD-1",
+                   'register_reference("tiny_pgd", "resnet26_1", threat_model="Linf")'):
+        assert needle in text, needle
+
+
+def test_export_refuses_unfinished_runs(tmp_path):
+    cfg = tiny_config("nominal", "model.arch", "resnet26_1", "train.epochs", "2", "train.holdout", "10")
+    data = carve_holdout(synthetic_split(30, size=32), cfg.train)
+    train(cfg, data=data, build=default_builder(10), run_dir=tmp_path / "run", console=False, until_epoch=1)
+    with pytest.raises(ExportError, match="epoch 1 of 2"):
+        export_reference_checkpoint(tmp_path / "run", "x", directory=tmp_path / "zoo")
+    with pytest.raises(ExportError, match="no checkpoint.pt"):
+        export_reference_checkpoint(tmp_path / "nothing", "x", directory=tmp_path / "zoo")
