@@ -333,9 +333,23 @@ def test_pixel_rounding_is_tolerated():
     Dent(tiny_net())(x)
 
 
-def test_batch_statistics_need_two_inputs():
-    with pytest.raises(InvalidInputError, match=r"at least 2 inputs, got a batch of 1; use stats='fixed'"):
-        Dent(tiny_net(), DentConfig(stats="batch"))(batch(n=1))
+def test_batch_statistics_on_a_single_image_use_its_spatial_statistics():
+    """The paper's Table 9 runs batch statistics at batch size 1: conv BatchNorms normalize over H x W."""
+    x = batch(n=1)
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5)
+    ).double()
+    with torch.no_grad():
+        expected = copy.deepcopy(net).train()(x)
+    assert torch.allclose(Dent(net, DentConfig(stats="batch", steps=0))(x), expected)
+    assert torch.isfinite(Dent(net, DentConfig(stats="batch", steps=2))(x)).all()
+
+
+def test_batch_statistics_need_more_than_one_value_per_channel():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double()
+    with pytest.raises(InvalidInputError, match=r"BatchNorm1d\(4\) sees a single value per channel"):
+        Dent(net, DentConfig(stats="batch"))(batch(n=1))
 
 
 def no_bn_net():

@@ -36,7 +36,11 @@ def parse_fraction(value: Any) -> Any:
     """Accept "8/255" style strings for pixel-scale quantities (epsilons, step sizes)."""
     if isinstance(value, str) and "/" in value:
         try:
-            return float(Fraction(value.replace(" ", "")))
+            text = value.replace(" ", "")
+            if "." in text:  # e.g. 1.5/255, which Fraction does not parse
+                numerator, denominator = text.split("/")
+                return float(numerator) / float(denominator)
+            return float(Fraction(text))
         except (ValueError, ZeroDivisionError):
             raise ValueError(f"expected a number or a fraction like '8/255', got {value!r}") from None
     return value

@@ -12,9 +12,13 @@ from typing import Annotated, Any, Iterable, Optional
 
 from pydantic import Field, field_validator
 
+from dent.attacks.config import AttackSection
+from dent.benchmark.config import BenchSection
 from dent.confbase import Section, config_hash, deep_merge, parse_overrides, read_yaml, validated
 from dent.defenses.config import DentConfig
+from dent.evaluation.config import EvaluationSection
 from dent.runtime import DEVICE_CHOICES
+from dent.training.config import TrainSection
 
 
 class ThreatModel(str, Enum):
@@ -50,7 +54,11 @@ class RunConfig(Section):
     defenses: dict[str, DentConfig] = Field(
         default_factory=lambda: {"static": DentConfig(steps=0), "dent": DentConfig()}
     )
+    attack: AttackSection = AttackSection()
+    evaluation: EvaluationSection = EvaluationSection()
     output: OutputSection = OutputSection()
+    train: TrainSection = TrainSection()  # dent train (dent.training)
+    bench: BenchSection = BenchSection()  # dent bench (dent.benchmark)
     device: str = "auto"
     seed: int = 0
 
@@ -72,10 +80,15 @@ class RunConfig(Section):
 REPLACED_WHOLE = {"defenses"}
 
 
-def load_config(cfg_file: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
-    """Resolve a run config: defaults, then the YAML file, then ``KEY VALUE`` / ``KEY=VALUE`` overrides."""
+def load_config(
+    cfg_file: str | Path | None = None, overrides: Iterable[str] = (), file_defaults: dict[str, Any] | None = None
+) -> RunConfig:
+    """Resolve a run config: defaults, then the YAML file, then ``KEY VALUE`` / ``KEY=VALUE`` overrides.
+
+    ``file_defaults`` stands in for the YAML file when none is given (a command's built-in job).
+    """
     data = RunConfig().to_dict()
-    file_data = read_yaml(cfg_file) if cfg_file is not None else {}
+    file_data = read_yaml(cfg_file) if cfg_file is not None else dict(file_defaults or {})
     for key in REPLACED_WHOLE & file_data.keys():
         data[key] = {}
     data = deep_merge(deep_merge(data, file_data), parse_overrides(overrides))

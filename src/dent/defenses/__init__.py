@@ -2,7 +2,8 @@
 
 from dent.defenses.config import AffineMode, DentConfig, InputMode, StatsMode
 from dent.defenses.dent import Dent
+from dent.defenses.differentiable import DifferentiableDent
 from dent.defenses.objectives import OBJECTIVES
 from dent.defenses.optim import OPTIMIZERS
 
-__all__ = ["Dent", "DentConfig", "AffineMode", "StatsMode", "InputMode", "OBJECTIVES", "OPTIMIZERS"]
+__all__ = ["Dent", "DifferentiableDent", "DentConfig", "AffineMode", "StatsMode", "InputMode", "OBJECTIVES", "OPTIMIZERS"]

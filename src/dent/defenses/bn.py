@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dent.errors import InvalidInputError
+
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 #: Where a BatchNorm is registered: (parent module, attribute name, the BatchNorm).
@@ -24,7 +26,8 @@ class AdaptiveBatchNorm(nn.Module):
     """Stands in for ``norm`` during a dent call.
 
     ``weight``/``bias`` are set by dent before each forward: ``None`` (the norm's own parameters), shape [C]
-    (one set for the batch) or [B, C] (one set per input, applied by broadcasting). Statistics are the
+    (one set for the batch) or [B, C] (one set per input: with fixed statistics, a BatchNorm over the B*C
+    planes of the input viewed as one sample, else a broadcast over [B, C, 1, 1]). Statistics are the
     norm's running estimates or, with ``batch_stats`` (or for a norm that tracks none), estimates on the
     current batch: ``F.batch_norm`` in training mode *without* running buffers, so nothing is written back.
     """
@@ -35,15 +38,41 @@ class AdaptiveBatchNorm(nn.Module):
         self.batch_stats = batch_stats
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
+        self._repeats: tuple | None = None  # see _repeated_stats
+
+    def _repeated_stats(self, n: int) -> tuple[Tensor, Tensor]:
+        """The running mean and variance repeated ``n`` times, kept while they and ``n`` stay the same."""
+        mean, var = self.norm.running_mean, self.norm.running_var
+        versions = (mean._version, var._version)  # any in-place update of the buffers bumps these
+        cached = self._repeats
+        if cached is None or cached[0] != n or cached[1] is not mean or cached[2] is not var or cached[3] != versions:
+            cached = self._repeats = (n, mean, var, versions, mean.detach().repeat(n), var.detach().repeat(n))
+        return cached[4], cached[5]
 
     def forward(self, x: Tensor) -> Tensor:
         norm = self.norm
         batch_stats = self.batch_stats or norm.running_mean is None
         mean, var = (None, None) if batch_stats else (norm.running_mean, norm.running_var)
+        if batch_stats and x.numel() == x.shape[1]:
+            raise InvalidInputError(
+                f"stats='batch' estimates BatchNorm statistics on the test batch, but {type(norm).__name__}"
+                f"({norm.num_features}) sees a single value per channel (input shape {list(x.shape)}); a batch of "
+                "1 works only where every BatchNorm has spatial extent, so use stats='fixed' or a larger batch"
+            )
         weight = norm.weight if self.weight is None else self.weight
         bias = norm.bias if self.bias is None else self.bias
         if weight is None or weight.dim() == 1:
             return F.batch_norm(x, mean, var, weight, bias, batch_stats, 0.0, norm.eps)
+        if not batch_stats and x.is_contiguous():
+            # Per-input affine, fixed statistics: [B, C, ...] viewed as [1, B*C, ...] is a BatchNorm over B*C
+            # channels with per-(input, channel) affine, one fused kernel forward and backward instead of a
+            # normalization followed by a broadcast multiply-add (two more passes over the activations).
+            n, c = weight.shape
+            out = F.batch_norm(
+                x.view(1, n * c, *x.shape[2:]), *self._repeated_stats(n), weight.reshape(-1),
+                bias.reshape(-1), False, 0.0, norm.eps,
+            )
+            return out.view_as(x)
         normalized = F.batch_norm(x, mean, var, None, None, batch_stats, 0.0, norm.eps)
         shape = weight.shape + (1,) * (x.dim() - 2)
         return torch.addcmul(bias.view(shape), normalized, weight.view(shape))

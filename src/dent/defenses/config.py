@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -60,6 +60,10 @@ class DentConfig(Section):
     sigma_lr: PositiveFloat = 0.25
     max_kernel_size: Annotated[int, Field(ge=1)] = 15  # cap on 2*ceil(3 sigma)+1; must be odd
     episodic: bool = True  # reset to the initial state after every call (the paper's default)
+    # Autocast dtype of the adaptation steps ("none": the model's own precision). "bfloat16" speeds up the
+    # steps on GPUs with bf16 tensor cores; the final prediction always runs in full precision. On CPUs
+    # without native bf16 it is far slower (measured: docs/performance.md). Check accuracy with `dent bench`.
+    autocast: Literal["none", "bfloat16"] = "none"
 
     @field_validator("objective")
     @classmethod

@@ -2,6 +2,10 @@
 
 A factory ``(param_groups, config) -> torch.optim.Optimizer`` takes its hyper-parameters from the config;
 groups may override ``lr`` (dent gives the blur width its own ``sigma_lr``).
+
+Dent passes all BatchNorm scales and shifts of a dtype/device as *one* flat tensor (see
+``dent.defenses.dent._Adaptation``), so an optimizer must act element-wise, as Adam, AdaMod and SGD do; a
+rule that looks at whole tensors (e.g. a per-layer norm or trust ratio) would see one tensor, not one per layer.
 """
 
 from __future__ import annotations

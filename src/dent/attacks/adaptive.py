@@ -1,0 +1,373 @@
+"""Adaptive attacks on dent: denied updates (transfer), mixed batches, attacks through the adaptation,
+BPDA+EOT on a shortened defense, and transfer from stronger surrogates.
+
+Each is an attack runner of :mod:`dent.attacks.registry` (``runner(model, x, y, point, *, device, seed,
+progress) -> AttackOutcome``), selected by ``attack.name`` with its knobs in ``attack.adaptive`` (see
+:mod:`dent.attacks.adaptive_config`); ``model`` is the defense under evaluation (a
+:class:`~dent.defenses.Dent`; ``mixed`` takes any model). Results are per point and per label; a point's
+robust accuracy in the report is the worst case over every label and every attack run on the defense.
+
+Every reported prediction is the defense's own answer for a batch that was actually submitted to it
+(whole evaluation batches, or the mixed batches), never a surrogate's.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dent.attacks.adaptive_config import (
+    DEFAULT_N_ITER, DEFAULT_N_RESTARTS, DEFAULT_N_TARGET_CLASSES, AdaptiveSection, Source, adv_count, mix_label,
+)
+from dent.attacks.apgd_batch import apgd_batch
+from dent.defenses.dent import Dent
+from dent.defenses.differentiable import DifferentiableDent, shortened
+from dent.errors import InvalidInputError
+
+#: bpda_eot's EOT samples when ``attack.eot_iter`` is not set (and ``adaptive.eot_noise`` > 0; else 1).
+DEFAULT_EOT_ITER = 4
+
+
+def _dent_of(model: nn.Module, attack: str) -> Dent:
+    if isinstance(model, DifferentiableDent):
+        return model.dent
+    if not isinstance(model, Dent):
+        raise InvalidInputError(
+            f"attack {attack!r} needs the defense to be a dent.defenses.Dent (it uses its wrapped model and "
+            f"adaptation), got {type(model).__name__}"
+        )
+    return model
+
+
+def _adaptive(point: Any) -> AdaptiveSection:
+    return point.adaptive if point.adaptive is not None else AdaptiveSection()
+
+
+def _budget(point: Any, name: str) -> dict[str, int]:
+    noisy = name == "bpda_eot" and _adaptive(point).eot_noise > 0
+    eot = point.eot_iter or (DEFAULT_EOT_ITER if noisy else 1)
+    return {
+        "n_iter": point.n_iter or DEFAULT_N_ITER,
+        "n_restarts": point.n_restarts or DEFAULT_N_RESTARTS.get(name, 1),
+        "n_target_classes": point.n_target_classes or DEFAULT_N_TARGET_CLASSES,
+        "eot_iter": eot,
+    }
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: Tensor) -> Tensor:
+    return model(x).argmax(dim=1)
+
+
+class StaticModel(nn.Module):
+    """The wrapped model without adaptation, in eval mode for the call (its mode is restored)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        training = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            return self.model(x)
+        finally:
+            for m, mode in training:
+                m.training = mode
+
+
+def _shortened_steps(dent: Dent, adaptive: AdaptiveSection) -> int:
+    return max(1, min(adaptive.short_steps, dent.config.steps))
+
+
+def _source(dent: Dent, source: Source, adaptive: AdaptiveSection) -> tuple[nn.Module, dict[str, Any]]:
+    """The model a transfer attack optimizes against, and how it was built."""
+    if source is Source.STATIC or dent.config.steps == 0:
+        return StaticModel(dent.model), {"source": "static"}
+    short = DifferentiableDent(shortened(dent, _shortened_steps(dent, adaptive)), checkpoint=adaptive.checkpoint)
+    return short, {"source": "shortened", "gradient": short.describe()}
+
+
+def _done(robust: dict, pred: dict, notes: dict):
+    from dent.attacks.registry import AttackOutcome
+
+    return AttackOutcome(robust={k: v.cpu() for k, v in robust.items()}, pred={k: v.cpu() for k, v in pred.items()},
+                         notes=notes)
+
+
+# -- transfer: the paper's denied updates (Table 5) -----------------------------------------------
+
+
+def run_transfer(model: nn.Module, x: Tensor, y: Tensor, point: Any, *, device, seed: int, progress: bool = False):
+    """AutoAttack against the source (static model by default), its final inputs submitted to the defense.
+
+    Labels ``SOURCE:LABEL`` with AutoAttack's labels (``ensemble`` and/or each attack, by ``attack.mode``).
+    ``notes.source_robust`` holds the per-point result on the source itself (e.g. Table 5's static-static).
+    """
+    from dent.attacks.autoattack import _collect_log, _reset_dynamic_check, build_autoattack
+    from dent.attacks.config import AttackMode
+
+    dent = _dent_of(model, "transfer")
+    adaptive = _adaptive(point)
+    attacks = list(point.attacks)
+    runs: list[tuple[str, list[str]]] = []
+    if point.mode in (AttackMode.INDIVIDUAL, AttackMode.BOTH):
+        runs += [(name, [name]) for name in attacks]
+    if point.mode in (AttackMode.ENSEMBLE, AttackMode.BOTH):
+        runs.append(("ensemble", attacks))
+    robust, pred, source_robust, sources, warnings = {}, {}, {}, {}, []
+    for source in adaptive.source_list("transfer"):
+        attacked, info = _source(dent, source, adaptive)
+        sources[source.value] = info
+        for label, attack_list in runs:
+            aa = build_autoattack(attacked, point, attack_list, device=device, seed=seed)
+            _reset_dynamic_check()
+            with _collect_log() as log:
+                x_adv, y_source = aa.run_standard_evaluation(x, y, batch_size=len(x))
+            warnings += [w for w in log.warnings if w not in warnings]
+            key = f"{source.value}:{label}"
+            pred[key] = _predict(model, x_adv.to(x.device))
+            robust[key] = pred[key] == y
+            source_robust[key] = (y_source.to(y.device) == y).cpu().tolist()
+    notes = {"sources": sources, "source_robust": source_robust, "warnings": warnings,
+             "protocol": "adversarial inputs crafted on the source, then one query of the defense per batch"}
+    return _done(robust, pred, notes)
+
+
+# -- mixed batches (Table 6) ----------------------------------------------------------------------
+
+
+def mixed_groups(batch: int, n_adv: int) -> list[tuple[list[int], list[bool]]]:
+    """Which inputs of a batch are adversarial in each mixed batch: every input is adversarial in one group.
+
+    Groups are consecutive runs of ``n_adv`` indices, the last one wrapping around to the start so that
+    every group has exactly ``n_adv``; ``owned[i]`` is False for an index already adversarial in an earlier
+    group (its result is taken from that group).
+    """
+    if not 1 <= n_adv <= batch:
+        raise InvalidInputError(f"need 1 <= adversarial inputs <= batch size, got {n_adv} of {batch}")
+    groups = []
+    for start in range(0, batch, n_adv):
+        index = [(start + i) % batch for i in range(n_adv)]
+        owned = [start + i < batch for i in range(n_adv)]
+        groups.append((index, owned))
+    return groups
+
+
+class MixedBatch(nn.Module):
+    """The defense on a mixed batch: the inputs at ``index`` are the attacker's, the rest stay ``natural``.
+
+    Called on the adversarial part [n_adv, ...]; returns the defense's logits for that part only, computed
+    on the whole batch (so the defense adapts on natural and adversarial inputs together). Differentiable
+    w.r.t. the adversarial part.
+    """
+
+    def __init__(self, defense: nn.Module, natural: Tensor, index: list[int]):
+        super().__init__()
+        self.defense = defense
+        self.natural = natural.detach()
+        self.index = torch.as_tensor(index, dtype=torch.long, device=natural.device)
+
+    def compose(self, adversarial: Tensor) -> Tensor:
+        return self.natural.index_put((self.index,), adversarial)
+
+    def forward(self, adversarial: Tensor) -> Tensor:
+        if len(adversarial) != len(self.index):
+            raise InvalidInputError(
+                f"a mixed batch takes exactly {len(self.index)} adversarial inputs, got {len(adversarial)}")
+        return self.defense(self.compose(adversarial))[self.index]
+
+
+def run_mixed(model: nn.Module, x: Tensor, y: Tensor, point: Any, *, device, seed: int, progress: bool = False):
+    """Mixed batches: for each share in ``adaptive.mixed`` (label ``mixed SHARE``), every input of the batch
+    is attacked once while sitting in a batch of ``adaptive.mixed_batch_size`` (default: the evaluation
+    batch) whose other inputs are natural; accuracy is on the adversarial inputs only.
+
+    The APGD variants in ``adaptive.attacks`` optimize the adversarial part through the defense's answer on
+    the whole mixed batch (the paper's protocol: the gradient of the final prediction); a point is robust if
+    every query and the final mixed batch (each input's best adversarial) classify it correctly.
+    """
+    adaptive = _adaptive(point)
+    budget = _budget(point, "mixed")
+    subs = adaptive.sub_attacks("mixed")
+    size = adaptive.mixed_batch_size or len(x)
+    chunks = [list(range(s, min(s + size, len(x)))) for s in range(0, len(x), size)]
+    robust, pred, per_batch, n_groups = {}, {}, {}, {}
+    t0 = time.perf_counter()
+    for entry in adaptive.mixed:
+        label = f"mixed {mix_label(entry)}"
+        ok = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        answer = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
+        for chunk in chunks:
+            xc, yc = x[chunk], y[chunk]
+            n_adv = adv_count(entry, len(chunk))
+            per_batch.setdefault(label, []).append([n_adv, len(chunk)])
+            groups = mixed_groups(len(chunk), n_adv)
+            n_groups[label] = n_groups.get(label, 0) + len(groups)
+            for index, owned in groups:
+                mixed = MixedBatch(model, xc, index)
+                x_part, y_part = xc[index], yc[index]
+                still = torch.ones(n_adv, dtype=torch.bool, device=x.device)
+                best = x_part.clone()
+                for sub in subs:
+                    res = apgd_batch(mixed, x_part, y_part, attack=sub, norm=point.norm, eps=point.eps, seed=seed,
+                                     **budget)
+                    broken_now = still & ~res.robust
+                    best[broken_now] = res.x_adv[broken_now]
+                    best[still & res.robust] = res.x_adv[still & res.robust]
+                    still &= res.robust
+                final = _predict(mixed, best)
+                still &= final == y_part
+                mine = torch.as_tensor(owned, device=x.device)
+                where = torch.as_tensor([chunk[i] for i in index], device=x.device)[mine]
+                ok[where] = still[mine]
+                answer[where] = final[mine]
+        robust[label], pred[label] = ok, answer
+    notes = {
+        "mixed_batch_size": size,
+        "adversarial_per_batch": per_batch,  # label -> [[n_adv, batch size] per evaluation sub-batch]
+        "mixed_batches": n_groups,  # label -> attacked mixed batches (each input adversarial in one)
+        "attacks": list(subs),
+        "budget": budget,
+        "natural_part": "the other inputs of the same evaluation batch, unperturbed",
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    return _done(robust, pred, notes)
+
+
+# -- through the adaptation -----------------------------------------------------------------------
+
+
+def _apgd_runs(attacked: nn.Module, defense: nn.Module, x: Tensor, y: Tensor, point: Any, name: str,
+               subs: tuple[str, ...], seed: int, prefix: str = "") -> tuple[dict, dict, dict]:
+    """Each APGD variant on the whole batch against ``attacked``; results checked on ``defense``."""
+    budget = _budget(point, name)
+    robust, pred, timing = {}, {}, {}
+    for sub in subs:
+        t0 = time.perf_counter()
+        res = apgd_batch(attacked, x, y, attack=sub, norm=point.norm, eps=point.eps, seed=seed, **budget)
+        seconds = time.perf_counter() - t0
+        label = prefix + sub
+        pred[label] = _predict(defense, res.x_adv)
+        robust[label] = res.robust & (pred[label] == y)
+        timing[label] = {"seconds": round(seconds, 3), "queries": res.queries,
+                         "seconds_per_query": round(seconds / max(res.queries, 1), 5)}
+    return robust, pred, {"budget": budget, "timing": timing}
+
+
+def run_through_adaptation(model: nn.Module, x: Tensor, y: Tensor, point: Any, *, device, seed: int,
+                           progress: bool = False):
+    """APGD (``adaptive.attacks``) whose gradient differentiates through the defense's adaptation steps.
+
+    The attacked function is :class:`~dent.defenses.differentiable.DifferentiableDent`, whose answers are
+    the defense's own; ``adaptive.horizon`` truncates the differentiated steps, ``adaptive.checkpoint``
+    recomputes them in the backward pass. ``notes.gradient`` records which was used.
+    """
+    dent = _dent_of(model, "through_adaptation")
+    adaptive = _adaptive(point)
+    attacked = DifferentiableDent(dent, horizon=adaptive.horizon, checkpoint=adaptive.checkpoint)
+    robust, pred, notes = _apgd_runs(attacked, dent, x, y, point, "through_adaptation",
+                                     adaptive.sub_attacks("through_adaptation"), seed)
+    notes["gradient"] = attacked.describe()
+    return _done(robust, pred, notes)
+
+
+# -- BPDA + EOT on a shortened defense ------------------------------------------------------------
+
+
+class BPDA(nn.Module):
+    """Forward: the defense's answer. Backward: the gradient of ``approximation`` at a noisy copy of the input.
+
+    ``noise`` is the std of Gaussian noise added (then clipped to [0, 1]) for each call, so that APGD's
+    ``eot_iter`` calls average the gradient over noise draws (expectation over transformation).
+    """
+
+    def __init__(self, defense: nn.Module, approximation: nn.Module, noise: float = 0.0):
+        super().__init__()
+        self.defense = defense
+        self.approximation = approximation
+        self.noise = noise
+        self._cache: tuple[Tensor, Tensor] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        key = x.detach()
+        if self._cache is not None and self._cache[0].shape == key.shape and torch.equal(self._cache[0], key):
+            value = self._cache[1]
+        else:
+            with torch.no_grad():
+                value = self.defense(key)
+            self._cache = (key.clone(), value)
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return value
+        noisy = x if not self.noise else (x + self.noise * torch.randn_like(x)).clamp(0, 1)
+        approx = self.approximation(noisy)
+        return approx + (value - approx).detach()
+
+
+def run_bpda_eot(model: nn.Module, x: Tensor, y: Tensor, point: Any, *, device, seed: int, progress: bool = False):
+    """APGD on the defense's answers with the gradient of a shortened (``adaptive.short_steps``) defense,
+    differentiated through its adaptation and averaged over ``attack.eot_iter`` noisy copies."""
+    dent = _dent_of(model, "bpda_eot")
+    adaptive = _adaptive(point)
+    if dent.config.steps == 0:
+        approximation: nn.Module = dent
+        gradient: dict[str, Any] = {"steps": 0, "differentiated_steps": 0}
+    else:
+        short = DifferentiableDent(shortened(dent, _shortened_steps(dent, adaptive)), checkpoint=adaptive.checkpoint)
+        approximation, gradient = short, short.describe()
+    attacked = BPDA(dent, approximation, noise=adaptive.eot_noise)
+    robust, pred, notes = _apgd_runs(attacked, dent, x, y, point, "bpda_eot", adaptive.sub_attacks("bpda_eot"), seed)
+    notes["gradient"] = {**gradient, "eot_noise": adaptive.eot_noise}
+    return _done(robust, pred, notes)
+
+
+# -- transfer from stronger surrogates --------------------------------------------------------------
+
+
+def run_surrogate_transfer(model: nn.Module, x: Tensor, y: Tensor, point: Any, *, device, seed: int,
+                           progress: bool = False):
+    """APGD (default targeted DLR, 3 restarts, 9 targets) against each surrogate in ``adaptive.sources``
+    (static model; shortened defense differentiated through its adaptation); every candidate (each run's
+    highest-loss and breaking iterates, and the final pick) is submitted to the defense as a whole batch.
+    A point is robust if the defense classifies it correctly in every candidate batch (label
+    ``SOURCE:ATTACK``); ``notes.surrogate_robust`` is the result on the surrogate itself."""
+    dent = _dent_of(model, "surrogate_transfer")
+    adaptive = _adaptive(point)
+    budget = _budget(point, "surrogate_transfer")
+    robust, pred, surrogate_robust, sources, timing = {}, {}, {}, {}, {}
+    for source in adaptive.source_list("surrogate_transfer"):
+        surrogate, info = _source(dent, source, adaptive)
+        sources[source.value] = info
+        for sub in adaptive.sub_attacks("surrogate_transfer"):
+            label = f"{source.value}:{sub}"
+            t0 = time.perf_counter()
+            res = apgd_batch(surrogate, x, y, attack=sub, norm=point.norm, eps=point.eps, seed=seed, **budget)
+            candidates = [res.x_adv] + [c for run in res.runs for c in run]
+            ok = torch.ones(len(x), dtype=torch.bool, device=x.device)
+            answer = None
+            seen: list[Tensor] = []
+            for cand in candidates:
+                if any(torch.equal(cand, s) for s in seen):
+                    continue
+                seen.append(cand)
+                p = _predict(model, cand)
+                # still-robust points take the latest answer; broken ones keep the answer that broke them
+                answer = p.clone() if answer is None else torch.where(ok, p, answer)
+                ok &= p == y
+            robust[label], pred[label] = ok, answer
+            surrogate_robust[label] = res.robust.cpu().tolist()
+            timing[label] = {"seconds": round(time.perf_counter() - t0, 3), "candidates": len(seen)}
+    notes = {"sources": sources, "surrogate_robust": surrogate_robust, "budget": budget, "timing": timing}
+    return _done(robust, pred, notes)
+
+
+ADAPTIVE_RUNNERS = {
+    "transfer": run_transfer,
+    "mixed": run_mixed,
+    "through_adaptation": run_through_adaptation,
+    "bpda_eot": run_bpda_eot,
+    "surrogate_transfer": run_surrogate_transfer,
+}

@@ -1,0 +1,277 @@
+"""The ``attack`` config section: which attack, which threat models (norm, epsilon), which budget.
+
+One :class:`AttackSection` describes a grid of *attack points*: every threat (norm, epsilon) times every
+value of the iteration sweep. Each :class:`AttackPoint` is one fully resolved attack setting; it is what a
+unit of work runs and what its content hash covers.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from typing import Annotated, Any, Optional
+
+from pydantic import BeforeValidator, Field, field_validator, model_validator
+
+from dent.attacks.adaptive_config import ADAPTIVE_ATTACKS, AdaptiveSection, point_tag
+from dent.confbase import PixelFloat, Section
+
+
+class Norm(str, Enum):
+    LINF = "Linf"
+    L2 = "L2"
+
+
+class AAVersion(str, Enum):
+    """AutoAttack's versions (pyautoattack's ``version``); ``custom`` runs ``attack.attacks``."""
+
+    STANDARD = "standard"
+    PLUS = "plus"
+    RAND = "rand"
+    CUSTOM = "custom"
+
+
+class AttackMode(str, Enum):
+    """How an attack list is run on a batch."""
+
+    ENSEMBLE = "ensemble"  # AutoAttack's cumulative ensemble: each attack only sees the still-robust points
+    INDIVIDUAL = "individual"  # every attack separately on the whole batch (per-attack accuracy, Table 2)
+    BOTH = "both"  # both of the above
+
+
+#: Attack names whose points run AutoAttack (``version`` / ``attacks``); ``transfer`` runs it on a source model.
+AUTOATTACK_BASED = ("autoattack", "transfer")
+
+#: The attacks pyautoattack 0.2.0 knows, by its names.
+AUTOATTACK_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
+
+#: The attack list of each AutoAttack version (as set by pyautoattack's ``_set_version``).
+VERSION_ATTACKS = {
+    AAVersion.STANDARD: ("apgd-ce", "apgd-t", "fab-t", "square"),
+    AAVersion.PLUS: ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"),
+    AAVersion.RAND: ("apgd-ce", "apgd-dlr"),
+}
+
+#: Largest meaningful L2 radius for CIFAR-sized inputs in [0, 1]: the diameter of the pixel cube.
+CIFAR_L2_DIAMETER = math.sqrt(3 * 32 * 32)
+
+
+def format_eps(eps: float, norm: Norm | str) -> str:
+    """``8/255`` for Linf epsilons on the 1/255 grid (or half steps, e.g. ``1.5/255``), else the number."""
+    if Norm(norm) == Norm.LINF:
+        scaled = eps * 255
+        if abs(scaled - round(scaled * 2) / 2) < 1e-6:
+            value = round(scaled * 2) / 2
+            return f"{value:g}/255"
+    return f"{eps:g}"
+
+
+def parse_threat(value: Any) -> Any:
+    """Accept ``"Linf:8/255"`` / ``"L2:0.5"`` shorthands for a threat."""
+    if isinstance(value, str):
+        if ":" not in value:
+            raise ValueError(f"expected NORM:EPS like 'Linf:8/255' or 'L2:0.5', got {value!r}")
+        norm, eps = value.split(":", 1)
+        return {"norm": norm.strip(), "eps": eps.strip()}
+    return value
+
+
+class Threat(Section):
+    """A norm ball: the norm and its radius epsilon, in the [0, 1] pixel scale."""
+
+    norm: Norm = Norm.LINF
+    eps: PixelFloat = 8 / 255
+
+    @model_validator(mode="after")
+    def _eps_in_range(self) -> "Threat":
+        check_eps(self.norm, self.eps)
+        return self
+
+    @property
+    def label(self) -> str:
+        return f"{self.norm.value} {format_eps(self.eps, self.norm)}"
+
+
+def check_eps(norm: Norm, eps: float, dim: Optional[int] = None) -> None:
+    """Raise ``ValueError`` when ``eps`` is outside the meaningful range for ``norm`` (and input size ``dim``)."""
+    if not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"epsilon must be > 0, got {eps!r}")
+    if norm == Norm.LINF and eps > 1:
+        raise ValueError(
+            f"Linf epsilon {eps:g} is out of range (0, 1]: pixels are in [0, 1], so write e.g. 8/255, not 8"
+        )
+    limit = math.sqrt(dim) if dim else None
+    if norm == Norm.L2 and limit is not None and eps > limit:
+        raise ValueError(f"L2 epsilon {eps:g} is out of range (0, {limit:.4g}] for inputs of {dim} values")
+
+
+def _as_list(value: Any) -> Any:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def _threat_list(value: Any) -> Any:
+    return [parse_threat(v) for v in _as_list(value)]
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class AttackPoint(Section):
+    """One resolved attack setting: what a unit of work runs. Built by :meth:`AttackSection.points`."""
+
+    name: str
+    version: Optional[AAVersion] = None  # AutoAttack only
+    attacks: tuple[str, ...] = ()  # AutoAttack's resolved attack list
+    mode: AttackMode = AttackMode.ENSEMBLE
+    norm: Norm
+    eps: float
+    n_iter: Optional[int] = None  # None: the attack's default
+    n_restarts: Optional[int] = None
+    n_target_classes: Optional[int] = None
+    n_queries: Optional[int] = None
+    eot_iter: Optional[int] = None
+    step_size: Optional[float] = None  # PGD only
+    random_start: bool = True  # PGD only
+    adaptive: Optional[AdaptiveSection] = None  # adaptive attacks only (dent.attacks.adaptive)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        if data.get("adaptive") is None:
+            del data["adaptive"]  # other attacks' unit keys stay what they were before adaptive attacks existed
+        return data
+
+    @property
+    def threat_label(self) -> str:
+        return f"{self.norm.value} {format_eps(self.eps, self.norm)}"
+
+    @property
+    def label(self) -> str:
+        """A short human label, e.g. ``autoattack-custom(apgd-ce,apgd-t) Linf 1.5/255 iter=10``."""
+        if self.name == "autoattack":
+            what = f"AA-{self.version.value}" if self.version else "AA"
+            if self.version == AAVersion.CUSTOM:
+                what += "(" + ",".join(self.attacks) + ")"
+        elif self.adaptive is not None:
+            what = point_tag(self.name, self.adaptive)
+            if self.name == "transfer":
+                what += f"[AA-{self.version.value}" + (
+                    "(" + ",".join(self.attacks) + ")" if self.version == AAVersion.CUSTOM else "") + "]"
+        else:
+            what = self.name.upper()
+            if self.n_restarts and self.n_restarts > 1:
+                what += f"x{self.n_restarts}"
+        out = f"{what} {self.threat_label}"
+        if self.n_iter is not None:
+            out += f" iter={self.n_iter}"
+        return out
+
+
+class AttackSection(Section):
+    """Settings of the attack: the ``attack`` section of a run config.
+
+    Defaults are the standard AutoAttack at Linf 8/255 (the paper's Table 1 protocol). Budget keys
+    (``n_iter``, ``n_restarts``, ``n_target_classes``, ``n_queries``) left at ``null`` keep the version's
+    own settings; set them to run a reduced attack on a CPU.
+    """
+
+    name: str = "autoattack"  # a name in dent.attacks.ATTACKS: autoattack | pgd | an adaptive attack (below)
+    version: AAVersion = AAVersion.STANDARD  # AutoAttack version; custom runs `attacks`
+    attacks: list[str] = Field(default_factory=list)  # custom AutoAttack list, e.g. [apgd-ce, apgd-t]
+    mode: AttackMode = AttackMode.ENSEMBLE  # ensemble | individual | both (per-attack, Table 2)
+    # Norm balls to attack in, each NORM:EPS or {norm, eps}; several give the accuracy-vs-epsilon curve.
+    threats: Annotated[list[Threat], BeforeValidator(_threat_list)] = Field(
+        default_factory=lambda: [Threat(norm=Norm.LINF, eps=8 / 255)]
+    )
+    # Attack iterations (APGD, FAB, PGD); a list is an iteration sweep (Table 10); [] keeps the default.
+    n_iter: Annotated[list[PositiveInt], BeforeValidator(_as_list)] = Field(default_factory=list)
+    n_restarts: Optional[PositiveInt] = None  # APGD-CE/DLR, FAB and PGD restarts
+    n_target_classes: Optional[PositiveInt] = None  # APGD-T and FAB-T target classes
+    n_queries: Optional[PositiveInt] = None  # Square's query budget
+    eot_iter: Optional[PositiveInt] = None  # expectation-over-transformation samples (version rand)
+    step_size: Optional[PixelFloat] = None  # PGD step; default 2.5 * eps / n_iter
+    random_start: bool = True  # PGD starts from a random point in the ball
+    # Adaptive attacks (transfer | mixed | through_adaptation | bpda_eot | surrogate_transfer): their knobs.
+    adaptive: AdaptiveSection = AdaptiveSection()
+
+    @field_validator("name")
+    @classmethod
+    def _known_attack(cls, value: str) -> str:
+        from dent.attacks.registry import ATTACKS
+        from dent.errors import UnknownNameError
+
+        try:
+            return ATTACKS.canonical(value)
+        except UnknownNameError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("attacks")
+    @classmethod
+    def _known_sub_attacks(cls, value: list[str]) -> list[str]:
+        out = []
+        for name in value:
+            key = str(name).lower()
+            if key not in AUTOATTACK_ATTACKS:
+                raise ValueError(f"unknown AutoAttack attack {name!r}; valid names: {', '.join(AUTOATTACK_ATTACKS)}")
+            if key in out:
+                raise ValueError(f"attack {name!r} is listed twice")
+            out.append(key)
+        return out
+
+    @field_validator("threats")
+    @classmethod
+    def _some_threat(cls, value: list[Threat]) -> list[Threat]:
+        if not value:
+            raise ValueError("at least one threat (NORM:EPS) is needed")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "AttackSection":
+        if self.name in AUTOATTACK_BASED:
+            if self.version == AAVersion.CUSTOM and not self.attacks:
+                raise ValueError("attack.version custom needs a list in attack.attacks, e.g. [apgd-ce, apgd-t]")
+            if self.version != AAVersion.CUSTOM and self.attacks:
+                raise ValueError(
+                    f"attack.attacks is only used with attack.version custom (version is {self.version.value}); "
+                    "set attack.version custom or drop attack.attacks"
+                )
+        elif self.attacks:
+            raise ValueError(f"attack.attacks lists AutoAttack attacks, but attack.name is {self.name}")
+        return self
+
+    def attack_list(self) -> tuple[str, ...]:
+        if self.name not in AUTOATTACK_BASED:
+            return ()
+        if self.version == AAVersion.CUSTOM:
+            return tuple(self.attacks)
+        return VERSION_ATTACKS[self.version]
+
+    def points(self) -> list[AttackPoint]:
+        """Every (threat, iteration) point of the grid, in config order."""
+        iters: list[Optional[int]] = list(self.n_iter) or [None]
+        out = []
+        for threat in self.threats:
+            for n_iter in iters:
+                out.append(
+                    AttackPoint(
+                        name=self.name,
+                        version=self.version if self.name in AUTOATTACK_BASED else None,
+                        attacks=self.attack_list(),
+                        mode=self.mode,
+                        norm=threat.norm,
+                        eps=threat.eps,
+                        n_iter=n_iter,
+                        n_restarts=self.n_restarts,
+                        n_target_classes=self.n_target_classes,
+                        n_queries=self.n_queries,
+                        eot_iter=self.eot_iter,
+                        step_size=self.step_size if self.name == "pgd" else None,
+                        random_start=self.random_start if self.name == "pgd" else True,
+                        adaptive=self.adaptive.for_attack(self.name) if self.name in ADAPTIVE_ATTACKS else None,
+                    )
+                )
+        return out
+

@@ -1,0 +1,137 @@
+"""Projected gradient descent (Madry et al., 2018) in Linf and L2, with random starts and restarts.
+
+The attack queries ``model`` once per step on the whole batch; ``model`` may be a dynamic defense that
+adapts inside its forward call (the paper's protocol): the gradient is taken through the defended
+model's final prediction only, not through its adaptation, and the prediction returned by each query
+is the defense's answer for that submitted batch. A point counts as broken as soon as one query
+(the clean batch, any step of any restart, or the final iterate) is misclassified; it is robust only if
+every query classified it correctly. Restarts re-attack the whole batch, so the batch a dynamic defense
+adapts on keeps its composition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from dent.attacks.config import Norm
+from dent.errors import InvalidInputError
+
+
+#: Steps when ``attack.n_iter`` is not set.
+DEFAULT_N_ITER = 10
+
+
+@dataclass
+class PGDResult:
+    x_adv: torch.Tensor  # the breaking example of broken points, the last iterate of robust ones
+    robust: torch.Tensor  # bool [B]: classified correctly by every query
+    pred: torch.Tensor  # int64 [B]: the prediction at the breaking query, or the last prediction
+
+
+def default_step_size(eps: float, n_iter: int) -> float:
+    """Madry et al.'s rule of thumb: 2.5 * eps / n_iter, so the iterates can cross the ball."""
+    return 2.5 * eps / n_iter
+
+
+def _l2_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
+
+
+def _project(delta: torch.Tensor, norm: Norm, eps: float) -> torch.Tensor:
+    if norm == Norm.LINF:
+        return delta.clamp(-eps, eps)
+    return delta * (eps / _l2_norm(delta)).clamp(max=1.0)
+
+
+def _random_start(x: torch.Tensor, norm: Norm, eps: float, generator: torch.Generator) -> torch.Tensor:
+    if norm == Norm.LINF:
+        noise = torch.rand(x.shape, generator=generator) * 2 - 1
+        return (noise * eps).to(x.device)
+    direction = torch.randn(x.shape, generator=generator)
+    radius = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=generator)
+    return (direction / _l2_norm(direction) * radius * eps).to(x.device)
+
+
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    norm: Norm | str = Norm.LINF,
+    eps: float,
+    n_iter: int = 10,
+    step_size: float | None = None,
+    n_restarts: int = 1,
+    random_start: bool = True,
+    seed: int = 0,
+    progress: bool = False,
+) -> PGDResult:
+    """Untargeted cross-entropy PGD against ``model`` on the batch ``x`` (in [0, 1]) with labels ``y``."""
+    norm = Norm(norm)
+    if x.dim() != 4 or x.shape[0] != y.shape[0]:
+        raise InvalidInputError(f"pgd expects images [B, C, H, W] and labels [B], got {list(x.shape)} and {list(y.shape)}")
+    if n_iter < 1 or n_restarts < 1:
+        raise InvalidInputError(f"pgd needs n_iter >= 1 and n_restarts >= 1, got {n_iter} and {n_restarts}")
+    alpha = step_size if step_size is not None else default_step_size(eps, n_iter)
+    x = x.detach()
+    y = y.detach()
+
+    with torch.no_grad():
+        pred = model(x).argmax(dim=1)
+    robust = pred == y
+    x_adv = x.clone()
+    final_pred = pred.clone()
+
+    def record(x_query: torch.Tensor, logits: torch.Tensor) -> None:
+        query_pred = logits.detach().argmax(dim=1)
+        broken_now = robust & (query_pred != y)
+        x_adv[broken_now] = x_query.detach()[broken_now]
+        final_pred[broken_now] = query_pred[broken_now]
+        robust.logical_and_(~broken_now)
+        keep = robust
+        final_pred[keep] = query_pred[keep]
+
+    bar = tqdm(total=n_restarts * n_iter, desc="pgd", unit="step", leave=False, disable=not progress)
+    for restart in range(n_restarts):
+        generator = torch.Generator().manual_seed(seed * 1000 + restart)
+        delta = _random_start(x, norm, eps, generator) if random_start else torch.zeros_like(x)
+        delta = (x + delta).clamp(0, 1) - x
+        for _ in range(n_iter):
+            with torch.enable_grad():
+                x_query = (x + delta).requires_grad_(True)
+                logits = model(x_query)
+                loss = F.cross_entropy(logits, y, reduction="sum")
+                (grad,) = torch.autograd.grad(loss, [x_query])
+            record(x_query, logits)
+            with torch.no_grad():
+                if norm == Norm.LINF:
+                    step = alpha * grad.sign()
+                else:
+                    step = alpha * grad / _l2_norm(grad)
+                delta = _project(delta + step, norm, eps)
+                delta = (x + delta).clamp(0, 1) - x
+            bar.update(1)
+        with torch.no_grad():
+            x_query = x + delta
+            record(x_query, model(x_query))
+        x_adv[robust] = (x + delta)[robust]
+    bar.close()
+    return PGDResult(x_adv=x_adv, robust=robust.clone(), pred=final_pred)
+
+
+def run_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, point, *, device, seed: int, progress: bool = False):
+    """The ``pgd`` attack runner (see :mod:`dent.attacks.registry`)."""
+    from dent.attacks.registry import AttackOutcome
+
+    n_iter = point.n_iter if point.n_iter is not None else DEFAULT_N_ITER
+    result = pgd(
+        model, x, y, norm=point.norm, eps=point.eps, n_iter=n_iter, step_size=point.step_size,
+        n_restarts=point.n_restarts or 1, random_start=point.random_start, seed=seed, progress=progress,
+    )
+    return AttackOutcome(robust={"pgd": result.robust.cpu()}, pred={"pgd": result.pred.cpu()},
+                         notes={"n_iter": n_iter, "step_size": point.step_size or default_step_size(point.eps, n_iter)})

@@ -1,0 +1,85 @@
+"""The ``bench`` config section: what ``dent bench`` times, on which model, how often."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from dent.confbase import Section
+from dent.defenses.config import DentConfig
+from dent.runtime import DEVICE_CHOICES
+
+PositiveInt = Annotated[int, Field(ge=1)]
+
+#: The defense configurations timed by default; ``steps`` is replaced by each K of ``bench.steps``.
+PRESETS: dict[str, DentConfig] = {
+    "dent": DentConfig(),  # batch-wise BN scale/shift, Adam lr 1e-3, entropy (paper Table 1)
+    # sample-wise, as in cfgs/dent_plus.yaml (the official repository's dent+ settings)
+    "dent+": DentConfig(affine="sample", optimizer="adamod", lr=6e-3, betas=(0.99, 0.999), beta3=0.6,
+                        objective="infomax"),
+    "dent_sigma": DentConfig(input="batch"),  # plus an adapted Gaussian blur of the input (Sigma)
+}
+
+
+class BenchSection(Section):
+    """Settings of ``dent bench`` (timings, not results: nothing here changes what a defense computes).
+
+    The default matrix (3 defenses x K in {1, 10} x batch {16, 128}, 3 timed repeats after 1 warm-up, the
+    naive reference for dent) is sized to finish in under 10 minutes on 2 idle CPU cores for the shipped
+    ResNet-18 (docs/performance.md). ``steps: [1, 5, 10, 30]`` is the paper's range: at batch 128 on such a
+    CPU each K = 30 call takes about a minute, so add it (or K = 5) for fewer defenses or on a GPU.
+    """
+
+    model: Optional[str] = None  # a named model or an architecture (random weights); default: model.arch
+    defenses: dict[str, DentConfig] = Field(default_factory=lambda: dict(PRESETS))
+    modes: list[str] = Field(default_factory=lambda: list(PRESETS))  # which of `defenses` to time
+    steps: list[PositiveInt] = Field(default_factory=lambda: [1, 10])  # K, the adaptation steps
+    batch_sizes: list[PositiveInt] = Field(default_factory=lambda: [16, 128])
+    repeats: PositiveInt = 3  # timed calls per configuration; tables show the median
+    warmup: Annotated[int, Field(ge=0)] = 1  # untimed calls first (defenses: per batch size, at K = 1)
+    # The naive reference (dent.benchmark.naive): timed for these modes ([] = none; null = all of `modes`)
+    # at these K (null = all of `steps`), beside the fast defense, and its outputs compared with it.
+    naive_modes: Optional[list[str]] = Field(default_factory=lambda: ["dent"])
+    naive_steps: Optional[list[PositiveInt]] = None
+    # Peak memory, measured on the first warm-up call (defenses: K = 1; a step's graph is freed before the
+    # next, so it does not grow with K).
+    memory: bool = True
+    profile: bool = True  # torch.profiler breakdown of one K = 1 call per defense at the largest batch
+    # The attack through the adaptation (dent.defenses.differentiable): one attack gradient (forward + input
+    # backward through all K steps), with and without gradient checkpointing, for these modes and K.
+    attack_modes: list[str] = Field(default_factory=lambda: ["dent"])
+    attack_steps: list[PositiveInt] = Field(default_factory=lambda: [1, 3])
+    attack_batch_size: PositiveInt = 16
+    data: str = "random"  # "random" (uniform noise, seeded) or a data set name: its first test images
+    image_size: PositiveInt = 32
+    device: Optional[str] = None  # default: the run's `device`
+    threads: Optional[PositiveInt] = None  # torch CPU threads; default: torch's (all cores)
+    channels_last: bool = False  # convert the model and inputs to channels-last memory format (GPU: faster convs)
+    # torch.compile the wrapped model (static, dent and naive alike) with this mode ("none": eager). The first
+    # calls compile (minutes on a CPU); "reduce-overhead" adds CUDA graphs on a GPU.
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = "none"
+    output_check: bool = True  # compare the fast defense's outputs with the naive reference's
+    # Which time the tables use: "wall" clock, or this process's "cpu" time (CPU only; with threads: 1 on a
+    # busy machine it leaves out waiting for a core). Both are saved in the JSON.
+    clock: Literal["wall", "cpu"] = "wall"
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and value not in DEVICE_CHOICES and not value.startswith("cuda:"):
+            raise ValueError(f"expected one of {', '.join(DEVICE_CHOICES)} or cuda:N")
+        return value
+
+    @model_validator(mode="after")
+    def _known_modes(self) -> "BenchSection":
+        for key in ("modes", "naive_modes", "attack_modes"):
+            unknown = [m for m in getattr(self, key) or [] if m not in self.defenses]
+            if unknown:
+                raise ValueError(f"{key}: {unknown} not in bench.defenses ({', '.join(self.defenses)})")
+        return self
+
+    def naive_for(self, mode: str, steps: int) -> bool:
+        modes = self.modes if self.naive_modes is None else self.naive_modes
+        ks = self.steps if self.naive_steps is None else self.naive_steps
+        return mode in modes and steps in ks

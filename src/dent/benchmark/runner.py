@@ -1,0 +1,403 @@
+"""``dent bench``: time the static model, dent's configurations and the naive reference, side by side.
+
+For each batch size it times, in one process and on the same input:
+
+* ``static``: one forward pass of the wrapped model without autograd (``torch.inference_mode``); the
+  unit of every ratio below;
+* ``fwd+bwd``: one forward pass and a backward pass to the input with the weights frozen (no weight
+  gradients), i.e. one adaptation step's work; its ratio to ``static`` checks the floor's assumption
+  that a step costs about 2 forward passes;
+* each defense of ``bench.modes`` at each K of ``bench.steps``, called under ``torch.no_grad()`` as an
+  evaluation does; ``x floor`` is its time over (2K + 1) static forwards;
+* the naive reference (:mod:`dent.benchmark.naive`) at ``bench.naive_steps``: its time, the speed-up
+  of dent over it, and the largest difference between their outputs.
+
+Then, optionally, peak memory (one K = 1 call per defense: the adaptation keeps one step's graph at a
+time, so it does not grow with K), a torch.profiler breakdown, and the attack through the adaptation
+(:class:`~dent.defenses.differentiable.DifferentiableDent`: one attack gradient, with and without gradient
+checkpointing, beside the final-prediction-only gradient of the paper's protocol).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dent.benchmark.config import BenchSection
+from dent.benchmark.naive import NaiveDent
+from dent.benchmark.timing import peak_memory, profile_breakdown, time_calls
+from dent.defenses import Dent, DentConfig
+from dent.models import ARCHITECTURES, PRETRAINED, build_model, load_model
+from dent.provenance import library_versions, machine_description
+from dent.runtime import resolve_device
+
+MB = 2**20
+
+
+def bench_model(cfg: Any) -> tuple[nn.Module, str]:
+    """The model to time and a note on its weights (an architecture without a checkpoint gets random ones)."""
+    name = cfg.bench.model or cfg.model.arch
+    if name in PRETRAINED or cfg.model.checkpoint is not None or name not in ARCHITECTURES:
+        model = load_model(name, threat_model=cfg.model.threat_model.value, model_dir=cfg.model.model_dir,
+                           checkpoint=cfg.model.checkpoint)
+        return model, f"{name} (trained weights)"
+    torch.manual_seed(cfg.seed)
+    return build_model(name).eval(), f"{name} (random weights: timing only)"
+
+
+def bench_inputs(cfg: Any, n: int) -> tuple[Tensor, Tensor | None]:
+    """``n`` images in [0, 1] (and labels, for a data set), on the CPU."""
+    bench = cfg.bench
+    if bench.data == "random":
+        generator = torch.Generator().manual_seed(cfg.seed)
+        return torch.rand(n, 3, bench.image_size, bench.image_size, generator=generator), None
+    from dent.data import load_subset
+
+    data = load_subset(bench.data, "test", n=n, seed=cfg.data.seed, data_dir=cfg.data.dir,
+                       download=cfg.data.download)
+    return data.images, data.labels
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    env = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_description(),
+        "versions": library_versions(),
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# -- the timed calls ---------------------------------------------------------------------------------
+
+
+def static_forward(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    def call(x: Tensor) -> Tensor:
+        with torch.inference_mode():
+            return model(x)
+
+    return call
+
+
+def forward_backward(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    """One forward and input-backward pass with frozen weights: what an adaptation step costs at least."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+
+    def call(x: Tensor) -> Tensor:
+        try:
+            model.requires_grad_(False)
+            with torch.enable_grad():
+                inputs = x.detach().requires_grad_(True)
+                logits = model(inputs)
+                (grad,) = torch.autograd.grad(logits.log_softmax(1).mean(), inputs)
+            return grad
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+    return call
+
+
+def no_grad_call(defense: nn.Module) -> Callable[[Tensor], Tensor]:
+    def call(x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return defense(x)
+
+    return call
+
+
+def attack_gradient(defense: nn.Module, labels: Tensor) -> Callable[[Tensor], Tensor]:
+    """One attack gradient: the defense's logits for a leaf copy of ``x``, cross-entropy, input gradient."""
+
+    def call(x: Tensor) -> Tensor:
+        with torch.enable_grad():
+            inputs = x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(F.cross_entropy(defense(inputs), labels), inputs)
+        return grad
+
+    return call
+
+
+# -- the benchmark ----------------------------------------------------------------------------------
+
+
+class Bench:
+    """One benchmark run of ``cfg.bench`` (``model``: time this module instead of loading ``bench.model``)."""
+
+    def __init__(self, cfg: Any, log: Callable[[str], None] = print, model: nn.Module | None = None):
+        self.cfg = cfg
+        self.b: BenchSection = cfg.bench
+        self.log = log
+        self.given_model = model
+        self.device = resolve_device(self.b.device or cfg.device)
+        self.start = time.perf_counter()
+
+    def note(self, text: str) -> None:
+        self.log(f"[{time.perf_counter() - self.start:6.0f}s] {text}")
+
+    def prepare(self) -> None:
+        b = self.b
+        if b.threads is not None:
+            torch.set_num_threads(b.threads)
+        if self.given_model is not None:
+            model, self.model_note = self.given_model, type(self.given_model).__name__
+        else:
+            model, self.model_note = bench_model(self.cfg)
+        model = model.to(self.device).eval()
+        # The naive reference runs the model as loaded: no channels-last, no compilation (and gets
+        # contiguous inputs), as a straightforward implementation would.
+        self.naive_model = model
+        if b.channels_last:
+            model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        self.eager_model = model  # for the attack through the adaptation: compiled graphs have no double backward
+        self.model = model if b.compile == "none" else torch.compile(model, mode=b.compile)
+        images, labels = bench_inputs(self.cfg, max(max(b.batch_sizes), b.attack_batch_size))
+        self.images = images.to(self.device)
+        if b.channels_last:
+            self.images = self.images.contiguous(memory_format=torch.channels_last)
+        self.labels = None if labels is None else labels.to(self.device)
+
+    def defense(self, mode: str, steps: int, naive: bool = False, eager: bool = False) -> Callable[[Tensor], Tensor]:
+        config: DentConfig = self.b.defenses[mode].replace(steps=steps)
+        if naive:
+            reference = NaiveDent(self.naive_model, config)
+            return (lambda x: reference(x.contiguous())) if self.b.channels_last else reference
+        return Dent(self.eager_model if eager else self.model, config)
+
+    def run(self) -> dict[str, Any]:
+        b = self.b
+        self.prepare()
+        result: dict[str, Any] = {
+            "model": self.model_note,
+            "settings": b.to_dict(),
+            "environment": environment(self.device),
+            "load_before": load_average(),
+            "rows": [],
+            "profiles": {},
+            "attack": [],
+        }
+        self.note(f"model {self.model_note} on {self.device}, {torch.get_num_threads()} threads, "
+                  f"load {result['load_before']}")
+        for batch in b.batch_sizes:
+            x = self.images[:batch]
+            result["rows"] += self.time_batch(x)
+        if b.profile:
+            result["profiles"] = self.profiles(self.images[: max(b.batch_sizes)])
+        if b.attack_modes and b.attack_steps:
+            result["attack"] = self.attack_rows(self.images[: b.attack_batch_size])
+        result["load_after"] = load_average()
+        result["seconds"] = time.perf_counter() - self.start
+        result["summary"] = summarize(result["rows"])
+        return result
+
+    def measure(self, call: Callable[[Tensor], Any], x: Tensor, warmup: int = 0) -> dict[str, Any]:
+        """Time ``call(x)``; also return the last call's output (for the output check)."""
+        last: dict[str, Any] = {}
+
+        def run() -> None:
+            last["output"] = None  # free the previous output first
+            last["output"] = call(x)
+
+        clock = "wall" if self.device.type == "cuda" else self.b.clock
+        timing = time_calls(run, self.device, self.b.repeats, warmup, clock=clock)
+        return {"timing": timing, "output": last.get("output")}
+
+    def warm_up(self, call: Callable[[], Any]) -> float | None:
+        """``bench.warmup`` untimed calls (at least one with ``bench.memory``), the first one under the memory
+        tracker when ``bench.memory``: its peak in MB (None without)."""
+        peak = None
+        # The CPU memory tracker is a dispatch mode, which compiled code would not run under as compiled.
+        memory = self.b.memory and (self.b.compile == "none" or self.device.type == "cuda")
+        if self.b.compile != "none":
+            call()  # compiles: not part of any measurement
+        for i in range(max(self.b.warmup, int(memory))):
+            if i == 0 and memory:
+                peak = peak_memory(call, self.device)[0] / MB
+            else:
+                call()
+        return peak
+
+    def time_batch(self, x: Tensor) -> list[dict[str, Any]]:
+        b, batch = self.b, len(x)
+        rows = []
+        peak = self.warm_up(lambda: static_forward(self.model)(x))
+        static = self.measure(static_forward(self.model), x)["timing"]
+        unit = static.median
+        rows.append({"batch": batch, "mode": "static", "steps": 0, **static.to_dict(), "x_static": 1.0,
+                     "x_floor": 1.0, "peak_mb": peak})
+        self.note(f"batch {batch}: static forward {unit:.3f} s")
+        peak = self.warm_up(lambda: forward_backward(self.model)(x))
+        fb = self.measure(forward_backward(self.model), x)["timing"]
+        rows.append({"batch": batch, "mode": "fwd+bwd", "steps": 0, **fb.to_dict(), "x_static": fb.median / unit,
+                     "x_floor": fb.median / (2 * unit), "peak_mb": peak})
+        self.note(f"batch {batch}: forward + input backward {fb.median:.3f} s = {fb.median / unit:.2f} x static")
+        for mode in b.modes:
+            naive_ks = [k for k in b.steps if b.naive_for(mode, k)]
+            memory = self.warm_up(lambda: no_grad_call(self.defense(mode, 1))(x))
+            memory_naive = None
+            if naive_ks:
+                memory_naive = self.warm_up(lambda: no_grad_call(self.defense(mode, 1, naive=True))(x))
+            for steps in b.steps:
+                fast = self.measure(no_grad_call(self.defense(mode, steps)), x)
+                t = fast["timing"].median
+                row = {"batch": batch, "mode": mode, "steps": steps, **fast["timing"].to_dict(),
+                       "x_static": t / unit, "x_floor": t / ((2 * steps + 1) * unit)}
+                if memory is not None:
+                    row["peak_mb"] = memory
+                text = f"batch {batch}: {mode} K={steps} {t:.3f} s = {t / unit:.2f} x static, " \
+                       f"{row['x_floor']:.3f} x floor"
+                if steps in naive_ks:
+                    naive = self.measure(no_grad_call(self.defense(mode, steps, naive=True)), x)
+                    tn = naive["timing"].median
+                    row["naive"] = naive["timing"].to_dict()
+                    row["speedup_vs_naive"] = tn / t
+                    if memory_naive is not None:
+                        row["naive_peak_mb"] = memory_naive
+                    if b.output_check:
+                        row.update(compare(fast["output"], naive["output"], self.labels, batch))
+                    text += f"; naive {tn:.3f} s (dent {tn / t:.2f} x faster)"
+                rows.append(row)
+                self.note(text)
+        return rows
+
+    def profiles(self, x: Tensor) -> dict[str, Any]:
+        out = {"batch": len(x)}
+        out["static"] = profile_breakdown(lambda: static_forward(self.model)(x), self.device)
+        out["fwd+bwd"] = profile_breakdown(lambda: forward_backward(self.model)(x), self.device)
+        for mode in self.b.modes:
+            out[f"{mode} K=1"] = profile_breakdown(lambda: no_grad_call(self.defense(mode, 1))(x), self.device)
+        self.note(f"profiled K = 1 calls at batch {len(x)}")
+        return out
+
+    def attack_rows(self, x: Tensor) -> list[dict[str, Any]]:
+        try:
+            from dent.defenses.differentiable import DifferentiableDent
+        except ImportError:  # the attack through the adaptation is not part of this installation
+            self.note("no dent.defenses.differentiable: attack through the adaptation not timed")
+            return [{"missing": "dent.defenses.differentiable.DifferentiableDent"}]
+        b = self.b
+        labels = self.labels[: len(x)] if self.labels is not None else torch.arange(len(x), device=x.device) % 10
+        rows = []
+        for mode in b.attack_modes:
+            for steps in b.attack_steps:
+                dent = self.defense(mode, steps, eager=True)
+                variants = {
+                    "final prediction only (dent's protocol)": dent,
+                    "through adaptation": DifferentiableDent(dent),
+                    "through adaptation, checkpointed": DifferentiableDent(dent, checkpoint=True),
+                }
+                for name, defense in variants.items():
+                    call = attack_gradient(defense, labels)
+                    peak = self.warm_up(lambda: call(x))
+                    timing = self.measure(call, x)["timing"]
+                    row = {"batch": len(x), "mode": mode, "steps": steps, "gradient": name, **timing.to_dict(),
+                           "peak_mb": peak}
+                    rows.append(row)
+                    self.note(f"attack gradient, {mode} K={steps}, {name}: {timing.median:.3f} s"
+                              + (f", peak {row['peak_mb']:.0f} MB" if "peak_mb" in row else ""))
+        return rows
+
+
+def compare(fast: Tensor, naive: Tensor, labels: Tensor | None, batch: int) -> dict[str, Any]:
+    """How far dent's outputs are from the naive reference's (same input, same K)."""
+    fast, naive = fast.float(), naive.float()
+    out = {
+        "max_abs_diff": (fast - naive).abs().max().item(),
+        "argmax_agreement": (fast.argmax(1) == naive.argmax(1)).float().mean().item(),
+    }
+    if labels is not None:
+        y = labels[:batch]
+        out["accuracy"] = (fast.argmax(1) == y).float().mean().item()
+        out["naive_accuracy"] = (naive.argmax(1) == y).float().mean().item()
+    return out
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The headline numbers: the floor check, dent+ over dent, and the speed-up over the naive reference."""
+    summary: dict[str, Any] = {}
+    by_key = {(r["batch"], r["mode"], r["steps"]): r for r in rows}
+    for (batch, mode, steps), row in by_key.items():
+        if mode == "fwd+bwd":
+            summary[f"batch {batch}: fwd+bwd / static"] = row["x_static"]
+        if mode == "dent+" and (batch, "dent", steps) in by_key:
+            summary[f"batch {batch} K={steps}: dent+ / dent"] = row["median_s"] / by_key[(batch, "dent", steps)]["median_s"]
+    return summary
+
+
+# -- output -----------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Markdown tables of a :func:`Bench.run` result."""
+    env = result["environment"]
+    settings = result["settings"]
+    lines = [
+        f"dent bench: {result['model']}, {env['device']}"
+        + (f" ({env['gpu']})" if "gpu" in env else f" ({env['machine'].get('processor')}, "
+           f"{env['torch_threads']} threads)"),
+        f"torch {env['versions'].get('torch')}, {env['date']}, median {settings['clock']} time of {settings['repeats']} "
+        f"(after {settings['warmup']} warm-up), load average {result.get('load_before')} -> "
+        f"{result.get('load_after')}, {result.get('seconds', 0):.0f} s in all",
+        "",
+        "| batch | defense | K | median s | x static | x floor | peak MB | naive s | speed-up | max abs diff |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        naive = r.get("naive", {})
+        lines.append(
+            f"| {r['batch']} | {r['mode']} | {r['steps'] or ''} | {r['median_s']:.3f} | {r['x_static']:.2f} | "
+            f"{r['x_floor']:.3f} | {_fmt(r.get('peak_mb'), '.0f')} | {_fmt(naive.get('median_s'), '.3f')} | "
+            f"{_fmt(r.get('speedup_vs_naive'), '.2f')} | {_fmt(r.get('max_abs_diff'), '.1e')} |"
+        )
+    lines.append("")
+    lines.append("x static: time / static forward; x floor: time / ((2K + 1) static forwards); "
+                 "fwd+bwd: one forward + input backward with frozen weights (the floor assumes 2 x static); "
+                 "peak MB: tensors allocated by one K = 1 call; speed-up: naive reference time / dent time.")
+    if result.get("summary"):
+        lines.append("")
+        lines += [f"- {key}: {value:.3f}" for key, value in result["summary"].items()]
+    attack = [r for r in result.get("attack", []) if "gradient" in r]
+    if attack:
+        lines += ["", "| attack gradient | defense | K | batch | median s | peak MB |", "|---|---|---:|---:|---:|---:|"]
+        for r in attack:
+            lines.append(f"| {r['gradient']} | {r['mode']} | {r['steps']} | {r['batch']} | {r['median_s']:.3f} | "
+                         f"{_fmt(r.get('peak_mb'), '.0f')} |")
+    elif result.get("attack"):
+        lines += ["", f"attack through the adaptation: not timed ({result['attack'][0].get('missing')} missing)"]
+    profiles = {k: v for k, v in result.get("profiles", {}).items() if k != "batch"}
+    if profiles:
+        categories = sorted({c for p in profiles.values() for c in p["categories_ms"]},
+                            key=lambda c: -max(p["categories_ms"].get(c, 0.0) for p in profiles.values()))
+        clock = next(iter(profiles.values()))["clock"]
+        lines += ["", f"Profile (ms of {clock}, batch {result['profiles']['batch']}, one call):", "",
+                  "| category | " + " | ".join(profiles) + " |", "|---|" + "---:|" * len(profiles)]
+        for c in categories:
+            lines.append(f"| {c} | " + " | ".join(f"{p['categories_ms'].get(c, 0.0):.0f}" for p in profiles.values())
+                         + " |")
+        for extra in ("optimizer_step_total_ms", "unattributed_ms", "wall_ms"):
+            if any(extra in p for p in profiles.values()):
+                lines.append(f"| ({extra.replace('_ms', '').replace('_', ' ')}) | "
+                             + " | ".join(f"{p.get(extra, 0.0):.0f}" for p in profiles.values()) + " |")
+    return "\n".join(lines)

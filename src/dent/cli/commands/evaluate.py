@@ -1,0 +1,47 @@
+"""``dent evaluate``: clean and robust accuracy of defenses under attack, resumable, with a report."""
+
+from __future__ import annotations
+
+import argparse
+
+from dent.cli.command import command
+from dent.config import load_config
+from dent.evaluation.mainjob import main_job
+from dent.evaluation.report import main_table, settings_text, write_report
+from dent.evaluation.rundir import REPORT_DIR
+from dent.evaluation.runner import evaluate
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cfg", metavar="FILE",
+        help="YAML experiment config (see cfgs/); without it, the main job (cfgs/main.yaml) runs",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY VALUE",
+        help="config overrides, e.g. data.n_images 500 attack.version standard evaluation.shard 1/4",
+    )
+
+
+@command(
+    "evaluate",
+    "clean and robust accuracy of defenses under AutoAttack or PGD; resumable, sharded, with a report",
+    add_arguments,
+)
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.cfg, args.overrides, file_defaults=None if args.cfg else main_job())
+    result = evaluate(cfg)
+    print(f"{result.n_run} unit(s) run, {result.n_skipped} resumed from the store, {result.seconds:.0f} s")
+    if cfg.evaluation.report:
+        files = write_report([result.run_dir], result.run_dir / REPORT_DIR)
+        from dent.evaluation.report import load_summary
+
+        summary = load_summary([result.run_dir])
+        print()
+        print(settings_text(summary))
+        print()
+        print(main_table(summary))
+        print()
+        print(f"report: {files.markdown} (+ {', '.join(p.name for p in [files.csv, files.json, *files.figures])})")
+    print(f"results: {result.run_dir}")
+    return 0

@@ -1,0 +1,379 @@
+"""Reports of one or more runs: markdown tables in the paper's format, CSV, JSON and PNG figures.
+
+``write_report(paths, out_dir)`` reads the stores of the given run directories (or store files), merges
+their units by key (shards of one config, or runs of several models), and writes
+
+* ``report.md``: the main table (Natural and Adversarial accuracy per defense, as the paper's Table 1),
+  per-attack accuracy with the worst case (Table 2), and where the runs sweep them, tables over dent
+  steps (Tables 7, 13), batch size (Table 9), attack iterations (Table 10) and epsilon (Figure 4);
+* ``results.csv`` (one row per model x defense x batch size x measure) and ``results.json``;
+* ``accuracy.png`` and, where swept, ``accuracy_vs_eps.png``, ``accuracy_vs_steps.png``,
+  ``accuracy_vs_iterations.png``, ``accuracy_vs_batch_size.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from dent.attacks.config import format_eps
+from dent.errors import DentError
+from dent.evaluation import plots, security
+from dent.evaluation.rundir import find_store, load_run_config
+from dent.evaluation.store import read_records
+from dent.evaluation.summary import WORST, Cell, Row, Summary, attack_description, summarize
+
+
+@dataclass
+class ReportFiles:
+    out_dir: Path
+    markdown: Path
+    csv: Path
+    json: Path
+    figures: list[Path] = field(default_factory=list)
+    text: str = ""
+
+
+def load_summary(paths: Iterable[str | Path]) -> Summary:
+    """Merge the units of several run directories (or store files) into one :class:`Summary`."""
+    paths = list(paths)
+    stores = [find_store(p) for p in paths]
+    configs = []
+    for p in paths:
+        try:
+            configs.append(load_run_config(p))
+        except DentError:  # a bare store file without a config still reports, without defense order
+            pass
+    records, duplicates = read_records(stores)
+    return summarize(records, configs, duplicates)
+
+
+# -- formatting -------------------------------------------------------------------------------------
+def pct(cell: Optional[Cell]) -> str:
+    if cell is None or cell.n == 0 or math.isnan(cell.accuracy):
+        return "-"
+    text = f"{100 * cell.accuracy:.1f}"
+    return text if cell.complete else f"{text}*"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else ":---:" for i in range(len(header))) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _multi(values: Iterable[Any]) -> bool:
+    return len(set(values)) > 1
+
+
+def _row_label(row: Row, summary: Summary, with_defense: bool = False) -> str:
+    parts = [row.model]
+    if with_defense:
+        parts.append(row.defense)
+    if _multi(r.batch_size for r in summary.rows):
+        parts.append(f"bs {row.batch_size}")
+    return " / ".join(parts)
+
+
+def _defenses(summary: Summary) -> list[str]:
+    out: list[str] = []
+    for row in summary.rows:
+        if row.defense not in out:
+            out.append(row.defense)
+    return out
+
+
+def main_table(summary: Summary) -> str:
+    """The paper's format: Natural and Adversarial accuracy, one column per defense."""
+    defenses = _defenses(summary)
+    groups: dict[tuple, dict[str, Row]] = defaultdict(dict)
+    for row in summary.rows:
+        groups[(row.model, json.dumps(row.context, sort_keys=True), row.batch_size)][row.defense] = row
+    header = ["Accuracy (%)"] + [f"Natural {d}" for d in defenses]
+    header += [f"Adversarial {d}" for d in defenses] if summary.point_labels else []
+    lines: list[list[str]] = []
+    labels = summary.point_labels or [None]
+    for label in labels:
+        if label is not None and len(labels) > 1:
+            lines.append([f"*{label}*"] + [""] * (len(header) - 1))
+        for _, by_def in groups.items():
+            first = next(iter(by_def.values()))
+            line = [_row_label(first, summary)]
+            line += [pct(by_def[d].natural) if d in by_def else "-" for d in defenses]
+            if label is not None:
+                line += [pct(by_def[d].attacks.get(label).worst) if d in by_def and label in by_def[d].attacks else "-"
+                         for d in defenses]
+            lines.append(line)
+    return _table(header, lines)
+
+
+def time_table(summary: Summary) -> Optional[str]:
+    """Seconds per image of a defended prediction, relative to the static model (the paper's Table 4 TIME)."""
+    rows = [r for r in summary.rows if r.natural is not None and r.natural.n and r.clean_seconds > 0]
+    if len({r.defense for r in rows}) < 2:
+        return None
+    statics = {(r.model, r.batch_size): r for r in rows if plots.is_static(r.defense_config)}
+    header = ["Defense", "steps", "ms / image", "x static"]
+    lines = []
+    for r in rows:
+        per_image = r.clean_seconds / r.natural.n
+        base = statics.get((r.model, r.batch_size))
+        rel = f"{per_image / (base.clean_seconds / base.natural.n):.1f}x" if base is not None else "-"
+        lines.append([_row_label(r, summary, with_defense=True), str(r.steps), f"{1000 * per_image:.1f}", rel])
+    return _table(header, lines)
+
+
+def per_attack_table(summary: Summary) -> Optional[str]:
+    """Accuracy under each attack and the per-point worst case over them (Table 2)."""
+    label_names: list[str] = []
+    for row in summary.rows:
+        for pr in row.attacks.values():
+            for name in pr.per_label:
+                if name not in label_names:
+                    label_names.append(name)
+    if label_names == ["ensemble"] or label_names == ["pgd"] or not label_names:
+        return None
+    ordered = [n for n in label_names if n != "ensemble"] + (["ensemble"] if "ensemble" in label_names else [])
+    header = ["Accuracy (%)", "attack point"] + ordered + [WORST]
+    lines = []
+    for row in summary.rows:
+        for label, pr in row.attacks.items():
+            lines.append([_row_label(row, summary, with_defense=True), label]
+                         + [pct(pr.per_label.get(n)) for n in ordered] + [pct(pr.worst)])
+    return _table(header, lines)
+
+
+def steps_table(summary: Summary) -> Optional[str]:
+    families = {name: rows for name, rows in plots.defense_families(summary.rows).items()
+                if len({r.steps for r in rows}) > 1}
+    if not families:
+        return None
+    steps = sorted({r.steps for rows in families.values() for r in rows})
+    header = ["Accuracy (%)", "measure"] + [f"{s} steps" for s in steps]
+    lines = []
+    for name, rows in families.items():
+        by_steps = {r.steps: r for r in rows}
+        measures = [("natural", lambda r: r.natural)]
+        measures += [(label, lambda r, label=label: r.attacks[label].worst if label in r.attacks else None)
+                     for label in summary.point_labels]
+        for measure, get in measures:
+            cells = [pct(get(by_steps[s])) if s in by_steps else "" for s in steps]
+            if any(c not in ("", "-") for c in cells):
+                lines.append([name, measure] + cells)
+    return _table(header, lines)
+
+
+def batch_size_table(summary: Summary) -> Optional[str]:
+    sizes = sorted({r.batch_size for r in summary.rows})
+    if len(sizes) < 2:
+        return None
+    header = ["Accuracy (%)", "measure"] + [str(s) for s in sizes]
+    lines = []
+    groups: dict[tuple, dict[int, Row]] = defaultdict(dict)
+    for row in summary.rows:
+        groups[(row.model, row.defense)][row.batch_size] = row
+    for (model, defense), by_size in groups.items():
+        name = f"{model} / {defense}" if _multi(r.model for r in summary.rows) else defense
+        lines.append([name, "natural"] + [pct(by_size[s].natural) if s in by_size else "" for s in sizes])
+        for label in summary.point_labels:
+            lines.append([name, label] + [pct(by_size[s].attacks[label].worst)
+                                          if s in by_size and label in by_size[s].attacks else "" for s in sizes])
+    return _table(header, lines)
+
+
+def _threat(point: dict[str, Any]) -> str:
+    return f"{point['norm']} {format_eps(point['eps'], point['norm'])}"
+
+
+def iterations_table(summary: Summary) -> Optional[str]:
+    iters = sorted({p["n_iter"] for p in summary.points.values() if p.get("n_iter") is not None})
+    if len(iters) < 2:
+        return None
+    header = ["Accuracy (%)", "threat"] + [f"{k} iter" for k in iters]
+    lines = []
+    for row in summary.rows:
+        by: dict[str, dict[int, Cell]] = defaultdict(dict)
+        for pr in row.attacks.values():
+            if pr.point.get("n_iter") is not None:
+                by[_threat(pr.point)][pr.point["n_iter"]] = pr.worst
+        for threat, cells in by.items():
+            lines.append([_row_label(row, summary, with_defense=True), threat] + [pct(cells.get(k)) for k in iters])
+    return _table(header, lines)
+
+
+def eps_table(summary: Summary) -> Optional[str]:
+    by_norm: dict[str, set[float]] = defaultdict(set)
+    for p in summary.points.values():
+        by_norm[p["norm"]].add(p["eps"])
+    if all(len(v) < 2 for v in by_norm.values()):
+        return None
+    parts = []
+    for norm, values in by_norm.items():
+        eps = sorted(values)
+        header = ["Accuracy (%)", "attack"] + ["0 (natural)"] + [format_eps(e, norm) for e in eps]
+        lines = []
+        for row in summary.rows:
+            by_attack: dict[str, dict[float, Cell]] = defaultdict(dict)
+            for pr in row.attacks.values():
+                if pr.point["norm"] == norm:
+                    by_attack[attack_description(pr.point)][pr.point["eps"]] = pr.worst
+            for attack, cells in by_attack.items():
+                lines.append([_row_label(row, summary, with_defense=True), attack, pct(row.natural)]
+                             + [pct(cells.get(e)) for e in eps])
+        parts.append(f"{norm}:\n\n" + _table(header, lines))
+    return "\n\n".join(parts)
+
+
+def settings_text(summary: Summary) -> str:
+    s = summary.settings()
+    lines = [
+        f"- model: {', '.join(s['models'])}",
+        f"- data: {', '.join(s['data'])}; N = {', '.join(map(str, s['n_images']))} class-stratified images",
+        f"- attack: {'; '.join(s['attacks']) or '(none)'}",
+        f"- threat: {', '.join(s['threats']) or '(none)'}",
+        "- defenses: " + "; ".join(f"{name} ({_defense_text(cfg)})" for name, cfg in _defense_configs(summary)),
+        f"- batch size: {', '.join(map(str, s['batch_sizes']))}; seed: {', '.join(map(str, s['seeds']))}; "
+        f"device: {', '.join(s['devices'])}",
+    ]
+    return "\n".join(lines)
+
+
+def _defense_configs(summary: Summary) -> list[tuple[str, dict[str, Any]]]:
+    out, seen = [], set()
+    for row in summary.rows:
+        key = (row.defense, json.dumps(row.defense_config, sort_keys=True))
+        if key not in seen:
+            seen.add(key)
+            out.append((row.defense, row.defense_config))
+    return out
+
+
+def _defense_text(cfg: dict[str, Any]) -> str:
+    if int(cfg.get("steps", 0)) == 0 and cfg.get("stats") == "fixed" and cfg.get("input") in ("none", None):
+        return "static"
+    parts = [f"{cfg.get('steps')} steps", f"affine {cfg.get('affine')}", f"stats {cfg.get('stats')}"]
+    if cfg.get("input") not in ("none", None):
+        parts.append(f"input {cfg.get('input')}")
+    if cfg.get("objective") not in ("entropy", None):
+        parts.append(f"objective {cfg.get('objective')}")
+    parts.append(f"{cfg.get('optimizer')} lr {cfg.get('lr')}")
+    return ", ".join(parts)
+
+
+AA_NOTE = (
+    "AutoAttack and dynamic defenses: AutoAttack queries the defended model at every step, so dent adapts "
+    "on every submitted batch (gradients are taken through its final prediction, not its adaptation). "
+    "Between attacks it re-batches only the still-robust points, so later attacks submit smaller batches "
+    "and dent adapts on those; it also warns that it detected a dynamic defense. Both are recorded per "
+    "unit in the run's evaluate.log."
+)
+
+
+def markdown(summary: Summary) -> str:
+    parts = ["# Evaluation report", "", settings_text(summary), "", "## Accuracy (%)", "", main_table(summary)]
+    for title, table in (
+        ("## Time of a defended prediction (clean batches; x static)", time_table(summary)),
+        ("## Per attack (worst case over attacks per point)", per_attack_table(summary)),
+        ("## Accuracy vs dent steps", steps_table(summary)),
+        ("## Accuracy vs batch size", batch_size_table(summary)),
+        ("## Accuracy vs attack iterations", iterations_table(summary)),
+        ("## Accuracy vs epsilon", eps_table(summary)),
+        ("## Security: every attack and the per-point worst case over all of them", security.security_markdown(summary)),
+        ("## Attack sanity checks (accuracy -> 0 as epsilon grows; converged in iterations)",
+         security.sanity_markdown(summary)),
+    ):
+        if table:
+            parts += ["", title, "", table]
+    notes = list(summary.notes)
+    if any(r.natural is not None and not r.natural.complete for r in summary.rows) or any(
+        not pr.worst.complete for r in summary.rows for pr in r.attacks.values()
+    ):
+        notes.insert(0, "`*`: computed on fewer than N images (partial run or missing shards)")
+    if any(pr.dynamic_warning for r in summary.rows for pr in r.attacks.values()):
+        notes.append(AA_NOTE)
+    if notes:
+        parts += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(parts) + "\n"
+
+
+# -- CSV / JSON -------------------------------------------------------------------------------------
+CSV_FIELDS = [
+    "model", "dataset", "split", "n_images", "subset_seed", "seed", "defense", "steps", "affine", "stats", "input",
+    "objective", "batch_size", "measure", "attack", "norm", "eps", "n_iter", "label", "correct", "n", "accuracy",
+]
+
+
+def _csv_rows(summary: Summary) -> list[dict[str, Any]]:
+    out = []
+    for row in summary.rows:
+        base = {
+            "model": row.model, "dataset": row.context["data"]["dataset"], "split": row.context["data"]["split"],
+            "n_images": row.context["data"]["n_images"], "subset_seed": row.context["data"]["subset_seed"],
+            "seed": row.context["seed"], "defense": row.defense, "steps": row.steps,
+            "affine": row.defense_config.get("affine"), "stats": row.defense_config.get("stats"),
+            "input": row.defense_config.get("input"), "objective": row.defense_config.get("objective"),
+            "batch_size": row.batch_size,
+        }
+        if row.natural is not None:
+            out.append({**base, "measure": "natural", "label": "clean", **_cell(row.natural)})
+        for label, pr in row.attacks.items():
+            point = {"attack": label, "norm": pr.point["norm"], "eps": pr.point["eps"], "n_iter": pr.point.get("n_iter")}
+            out.append({**base, "measure": "adversarial", **point, "label": WORST, **_cell(pr.worst)})
+            for name, cell in pr.per_label.items():
+                out.append({**base, "measure": "adversarial", **point, "label": name, **_cell(cell)})
+    return out
+
+
+def _cell(cell: Cell) -> dict[str, Any]:
+    return {"correct": cell.correct, "n": cell.n, "accuracy": None if cell.n == 0 else round(cell.accuracy, 6)}
+
+
+def to_json(summary: Summary) -> dict[str, Any]:
+    rows = []
+    for row in summary.rows:
+        rows.append({
+            "model": row.model, "context": row.context, "defense": row.defense, "defense_config": row.defense_config,
+            "batch_size": row.batch_size,
+            "natural": None if row.natural is None else {**_cell(row.natural), "expected": row.natural.expected},
+            "adversarial": [
+                {"attack": label, "point": pr.point, **_cell(pr.worst), "expected": pr.worst.expected,
+                 "per_attack": {name: _cell(c) for name, c in pr.per_label.items()},
+                 "dynamic_defense_warning": pr.dynamic_warning}
+                for label, pr in row.attacks.items()
+            ],
+        })
+    return {"settings": summary.settings(), "caption": summary.caption(), "rows": rows, "notes": summary.notes,
+            "security": security.to_json(summary)}
+
+
+# -- writing ----------------------------------------------------------------------------------------
+def write_report(paths: Iterable[str | Path], out_dir: str | Path) -> ReportFiles:
+    summary = load_summary(paths)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = markdown(summary)
+    files = ReportFiles(out_dir=out_dir, markdown=out_dir / "report.md", csv=out_dir / "results.csv",
+                        json=out_dir / "results.json", text=text)
+    files.markdown.write_text(text)
+    with open(files.csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for r in _csv_rows(summary):
+            writer.writerow({k: r.get(k) for k in CSV_FIELDS})
+    files.json.write_text(json.dumps(to_json(summary), indent=2))
+    if summary.rows:
+        files.figures.append(plots.plot_bars(summary, out_dir / "accuracy.png"))
+    if summary.point_labels:
+        files.figures.append(plots.plot_accuracy_vs_eps(summary, out_dir / "accuracy_vs_eps.png"))
+    if any(len({r.steps for r in rows}) > 1 for rows in plots.defense_families(summary.rows).values()):
+        files.figures.append(plots.plot_accuracy_vs_steps(summary, out_dir / "accuracy_vs_steps.png"))
+    if len({p.get("n_iter") for p in summary.points.values() if p.get("n_iter") is not None}) > 1:
+        files.figures.append(plots.plot_accuracy_vs_iterations(summary, out_dir / "accuracy_vs_iterations.png"))
+    if len({r.batch_size for r in summary.rows}) > 1:
+        files.figures.append(plots.plot_accuracy_vs_batch_size(summary, out_dir / "accuracy_vs_batch_size.png"))
+    return files

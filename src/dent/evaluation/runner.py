@@ -1,0 +1,277 @@
+"""Run an evaluation: plan its units, skip the stored ones, run and persist the rest one by one.
+
+The Python API is :func:`evaluate`; ``dent evaluate`` is a thin layer over it. Tests (and notebooks)
+can pass a model, a data split and a defense factory directly instead of loading them by name.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dent.attacks.config import check_eps
+from dent.attacks.registry import ATTACKS
+from dent.config import RunConfig
+from dent.defenses.config import DentConfig
+from dent.errors import ConfigError
+from dent.evaluation.rundir import LOG_NAME, open_run, result_hash
+from dent.evaluation.runlog import run_logging
+from dent.evaluation.store import STORE_NAME, ResultStore, UnitRecord
+from dent.evaluation.units import CLEAN, Unit, file_digest, plan_units
+from dent.runtime import resolve_device
+
+log = logging.getLogger("dent.evaluation")
+
+DefenseFactory = Callable[[nn.Module, DentConfig], nn.Module]
+
+
+@dataclass
+class EvaluationRun:
+    """What :func:`evaluate` did."""
+
+    run_dir: Path
+    store_path: Path
+    config_hash: str
+    n_units: int  # units of this shard
+    n_skipped: int  # already stored when the run started
+    n_run: int  # computed now
+    seconds: float
+    dynamic_warnings: int  # units in which AutoAttack warned that the model is a dynamic defense
+
+
+def default_defense_factory(model: nn.Module, config: DentConfig) -> nn.Module:
+    from dent.defenses import Dent
+
+    return Dent(model, config)
+
+
+def load_model_from_config(cfg: RunConfig) -> nn.Module:
+    from dent.models import load_model
+
+    return load_model(
+        cfg.model.arch, threat_model=cfg.model.threat_model.value, model_dir=cfg.model.model_dir,
+        checkpoint=cfg.model.checkpoint,
+    )
+
+
+def load_data_from_config(cfg: RunConfig):
+    from dent.data import load_subset
+
+    return load_subset(
+        cfg.data.dataset, cfg.data.split, n=cfg.data.n_images, seed=cfg.data.seed,
+        data_dir=cfg.data.dir, download=cfg.data.download,
+    )
+
+
+def unit_context(cfg: RunConfig) -> dict[str, Any]:
+    """The model, data and seed identity that every unit key includes."""
+    model = {"arch": cfg.model.arch, "threat_model": cfg.model.threat_model.value}
+    if cfg.model.checkpoint is not None:
+        path = Path(cfg.model.checkpoint)
+        model["checkpoint"] = file_digest(path) if path.is_file() else str(path)
+    data = {"dataset": cfg.data.dataset, "split": cfg.data.split, "n_images": cfg.data.n_images,
+            "subset_seed": cfg.data.seed}
+    return {"model": model, "data": data, "seed": cfg.seed}
+
+
+def plan(cfg: RunConfig, n_images: int, image_dim: Optional[int] = None) -> list[Unit]:
+    points = cfg.attack.points()
+    if image_dim is not None:
+        for point in points:
+            try:
+                check_eps(point.norm, point.eps, dim=image_dim)
+            except ValueError as exc:
+                raise ConfigError(f"config key 'attack.threats': {exc}") from None
+    return plan_units(
+        defenses=cfg.defenses,
+        points=points,
+        n_images=n_images,
+        batch_sizes=list(cfg.evaluation.batch_sizes) or [cfg.data.batch_size],
+        context=unit_context(cfg),
+        clean=cfg.evaluation.clean,
+        shard=cfg.evaluation.shard_index,
+    )
+
+
+class QueryProgress(nn.Module):
+    """Passes calls through to ``model`` and counts them on a progress bar (AutoAttack has none)."""
+
+    def __init__(self, model: nn.Module, total: Optional[int]):
+        super().__init__()
+        self.model = model
+        self.total = total
+        self.bar = None
+
+    def __enter__(self) -> "QueryProgress":
+        self.bar = tqdm(total=self.total, desc="  queries", unit="query", leave=False, dynamic_ncols=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        self.bar.update(1)
+        return out
+
+
+def expected_queries(point) -> Optional[int]:
+    """At most how many model calls AutoAttack makes on one batch (APGD attacks only; else unknown)."""
+    from dent.attacks.autoattack import DEFAULT_BUDGET
+
+    n_iter = point.n_iter or DEFAULT_BUDGET["n_iter"]
+    per_run = 8  # pyautoattack's checks (7 calls) and the initial clean prediction
+    per_attack = {
+        "apgd-ce": (point.n_restarts or DEFAULT_BUDGET["n_restarts"]) * (n_iter + 1) + 2,
+        "apgd-dlr": (point.n_restarts or DEFAULT_BUDGET["n_restarts"]) * (n_iter + 1) + 2,
+        "apgd-t": (point.n_target_classes or DEFAULT_BUDGET["n_target_classes"]) * (n_iter + 2) + 2,
+    }
+    if any(a not in per_attack for a in point.attacks):
+        return None
+    runs = []
+    if point.mode.value in ("individual", "both"):
+        runs += [[a] for a in point.attacks]
+    if point.mode.value in ("ensemble", "both"):
+        runs.append(list(point.attacks))
+    return sum(per_run + sum(per_attack[a] for a in run) for run in runs)
+
+
+def run_unit(unit: Unit, defended: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
+             device: torch.device, seed: int, progress: bool = False) -> dict[str, Any]:
+    """Compute one unit's per-point results (JSON-ready)."""
+    index = torch.tensor(unit.positions, dtype=torch.long)
+    x = images[index].to(device)
+    y = labels[index].to(device)
+    torch.manual_seed(seed)
+    result: dict[str, Any] = {"positions": list(unit.positions), "labels": y.cpu().tolist()}
+    if unit.kind == CLEAN:
+        with torch.no_grad():
+            result["clean_pred"] = defended(x).argmax(dim=1).cpu().tolist()
+        return result
+    runner = ATTACKS.get(unit.point.name)
+    if progress and unit.point.name == "autoattack":
+        with QueryProgress(defended, expected_queries(unit.point)) as counted:
+            outcome = runner(counted, x, y, unit.point, device=device, seed=seed, progress=progress)
+    else:
+        outcome = runner(defended, x, y, unit.point, device=device, seed=seed, progress=progress)
+    result["robust"] = {label: flags.cpu().bool().tolist() for label, flags in outcome.robust.items()}
+    result["pred"] = {label: pred.cpu().tolist() for label, pred in outcome.pred.items()}
+    result["notes"] = outcome.notes
+    return result
+
+
+def evaluate(
+    cfg: RunConfig,
+    *,
+    model: Optional[nn.Module] = None,
+    data: Any = None,
+    defense_factory: Optional[DefenseFactory] = None,
+    run_dir: Optional[Path] = None,
+) -> EvaluationRun:
+    """Evaluate ``cfg``'s defenses on its model and data, resuming from the run directory's store.
+
+    ``model`` (a static ``nn.Module``), ``data`` (an object with ``images`` and ``labels``) and
+    ``defense_factory`` replace loading them by name from the config.
+    """
+    start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir("evaluate")
+    config = cfg.to_dict()
+    chash = result_hash(config)
+    # Everything that can fail on bad input runs before the run directory is created or touched.
+    if data is None:
+        data = load_data_from_config(cfg)
+    images, labels = data.images, data.labels
+    if len(labels) < cfg.data.n_images:
+        raise ConfigError(
+            f"config key 'data.n_images': {cfg.data.n_images} images requested but the split has only {len(labels)}"
+        )
+    images, labels = images[: cfg.data.n_images], labels[: cfg.data.n_images]
+    units = plan(cfg, len(labels), image_dim=int(images[0].numel()))
+    store = open_run(run_dir, config)
+    try:
+        with run_logging(run_dir / LOG_NAME):
+            return _evaluate(cfg, store, run_dir, chash, device, model, images, labels, units, defense_factory, start)
+    finally:
+        store.close()
+
+
+def _evaluate(cfg, store: ResultStore, run_dir, chash, device, model, images, labels, units, defense_factory,
+              start) -> EvaluationRun:
+    log.info("evaluate: run %s, config hash %s, device %s, shard %s", run_dir, chash, device, cfg.evaluation.shard)
+    done = store.done_keys()
+    pending = [u for u in units if u.key not in done]
+    n_skipped = len(units) - len(pending)
+    log.info("%d units in this shard: %d already stored (skipped), %d to run", len(units), n_skipped, len(pending))
+    if n_skipped:
+        print(f"resuming {run_dir}: {n_skipped} of {len(units)} units already stored, {len(pending)} to run")
+
+    if pending and model is None:
+        model = load_model_from_config(cfg)
+    factory = defense_factory or default_defense_factory
+    defended: dict[str, nn.Module] = {}
+    if model is not None:
+        model = model.to(device).eval()
+
+    dynamic_warnings = 0
+    rebatching: Counter[str] = Counter()
+    bar = tqdm(pending, desc="evaluate", unit="unit", disable=not cfg.evaluation.progress, dynamic_ncols=True)
+    for unit in bar:
+        bar.set_postfix_str(unit.describe(), refresh=True)
+        if unit.defense not in defended:
+            defended[unit.defense] = factory(model, unit.defense_config).to(device)
+        t0 = time.perf_counter()
+        result = run_unit(unit, defended[unit.defense], images, labels, device=device, seed=cfg.seed,
+                          progress=cfg.evaluation.progress)
+        seconds = time.perf_counter() - t0
+        record = UnitRecord(
+            key=unit.key, config_hash=chash, kind=unit.kind, defense=unit.defense, attack=unit.attack_label,
+            batch_size=unit.batch_size, batch_index=unit.batch_index, spec=unit.spec, result=result,
+            seconds=seconds, device=str(device),
+        )
+        store.put(record)
+        _log_unit(unit, result, seconds, rebatching)
+        if result.get("notes", {}).get("dynamic_warning"):
+            dynamic_warnings += 1
+    bar.close()
+
+    if dynamic_warnings:
+        msg = (f"AutoAttack warned in {dynamic_warnings} unit(s) that the model seems to be a dynamic defense "
+               "(expected for dent); see the log")
+        log.warning(msg)
+        print(msg)
+    if rebatching:
+        log.info("AutoAttack re-batched still-robust points between attacks in %d unit(s): "
+                 "dent adapted on the smaller batches (details per unit above)", sum(rebatching.values()))
+    seconds = time.perf_counter() - start
+    log.info("evaluate: done in %.1f s (%d units run, %d skipped)", seconds, len(pending), n_skipped)
+    return EvaluationRun(run_dir=run_dir, store_path=run_dir / STORE_NAME, config_hash=chash, n_units=len(units),
+                         n_skipped=n_skipped, n_run=len(pending), seconds=seconds, dynamic_warnings=dynamic_warnings)
+
+
+def _log_unit(unit: Unit, result: dict[str, Any], seconds: float, rebatching: Counter) -> None:
+    n = len(result["positions"])
+    if unit.kind == CLEAN:
+        correct = sum(p == y for p, y in zip(result["clean_pred"], result["labels"]))
+        log.info("unit %s: clean %d/%d correct (%.1f s) [%s]", unit.describe(), correct, n, seconds, unit.key[:12])
+        return
+    accs = ", ".join(f"{label} {sum(flags)}/{n}" for label, flags in result["robust"].items())
+    log.info("unit %s: robust %s (%.1f s) [%s]", unit.describe(), accs, seconds, unit.key[:12])
+    notes = result.get("notes", {})
+    for warning in notes.get("warnings", []):
+        log.info("unit %s: AutoAttack warned: %s", unit.describe(), warning)
+    per_attack = notes.get("attacked_batch_sizes", {}).get("ensemble")
+    if per_attack:
+        sizes = "; ".join(f"{attack} attacked {'+'.join(map(str, s))} points" for attack, s in per_attack.items())
+        log.info("unit %s: AutoAttack re-batching (each attack only gets the still-robust points): %s",
+                 unit.describe(), sizes)
+        if any(size < n for sizes_ in per_attack.values() for size in sizes_):
+            rebatching["ensemble"] += 1

@@ -1,0 +1,105 @@
+"""Units of work: one batch of the test subset, one defense, clean or under one attack point.
+
+A unit is the smallest piece of an evaluation that is persisted on its own. Its key is the content hash
+of everything that determines its result: the model, the data subset and the image positions in it, the
+defense config, the attack point (norm, epsilon, attacks, budget), the batch size and the seed. So
+
+* a resumed run skips exactly the units already stored, whatever order they ran in;
+* shards are disjoint sets of batches (batch ``b`` belongs to shard ``b % n``), so processes or machines
+  can split the work and their stores merge by key;
+* a unit computed under a different setting has a different key and can never stand in for another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Optional
+
+from dent.attacks.config import AttackPoint
+from dent.defenses.config import DentConfig
+
+CLEAN = "clean"
+ATTACK = "attack"
+
+
+def content_hash(data: Any) -> str:
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Unit:
+    kind: str  # CLEAN or ATTACK
+    defense: str
+    defense_config: DentConfig
+    point: Optional[AttackPoint]
+    batch_size: int
+    batch_index: int
+    positions: tuple[int, ...]  # positions in the evaluation subset
+    context: dict[str, Any] = field(hash=False, compare=False)  # model + data identity, seed
+
+    @cached_property
+    def spec(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "defense": self.defense,
+            "defense_config": self.defense_config.to_dict(),
+            "attack": None if self.point is None else self.point.to_dict(),
+            "batch_size": self.batch_size,
+            "batch_index": self.batch_index,
+            "positions": list(self.positions),
+            **self.context,
+        }
+
+    @cached_property
+    def key(self) -> str:
+        return content_hash(self.spec)
+
+    @property
+    def attack_label(self) -> Optional[str]:
+        return None if self.point is None else self.point.label
+
+    def describe(self) -> str:
+        what = "clean" if self.point is None else self.point.label
+        return f"{self.defense} | {what} | batch {self.batch_index} (size {self.batch_size})"
+
+
+def batch_positions(n: int, batch_size: int) -> list[tuple[int, ...]]:
+    """Consecutive batches of positions 0..n-1; the last one may be smaller."""
+    return [tuple(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]
+
+
+def plan_units(
+    *,
+    defenses: dict[str, DentConfig],
+    points: list[AttackPoint],
+    n_images: int,
+    batch_sizes: list[int],
+    context: dict[str, Any],
+    clean: bool = True,
+    shard: tuple[int, int] = (1, 1),
+) -> list[Unit]:
+    """All units of an evaluation (this shard's share), defense-major, clean before attacks."""
+    shard_i, shard_n = shard
+    units = []
+    for name, dcfg in defenses.items():
+        for batch_size in batch_sizes:
+            batches = [(b, pos) for b, pos in enumerate(batch_positions(n_images, batch_size)) if b % shard_n == shard_i - 1]
+            kinds: list[tuple[str, Optional[AttackPoint]]] = [(CLEAN, None)] if clean else []
+            kinds += [(ATTACK, point) for point in points]
+            for kind, point in kinds:
+                for b, pos in batches:
+                    units.append(Unit(kind, name, dcfg, point, batch_size, b, pos, context))
+    return units

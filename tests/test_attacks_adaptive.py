@@ -1,0 +1,182 @@
+"""Adaptive attacks: mixed-batch composition and accounting, full-batch APGD, BPDA, the runners, config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dent.attacks import ATTACKS, AttackSection
+from dent.attacks.adaptive import BPDA, MixedBatch, mixed_groups, run_mixed
+from dent.attacks.adaptive_config import AdaptiveSection, adv_count, mix_label
+from dent.attacks.apgd_batch import apgd_batch
+from dent.config import load_config
+from dent.defenses import Dent, DentConfig
+from dent.defenses.differentiable import DifferentiableDent
+from dent.errors import ConfigError
+from eval_support import fake_data, tiny_net
+
+
+def point(**kw):
+    return AttackSection(**kw).points()[0]
+
+
+class Spy(nn.Module):
+    """Classifies an input correctly iff it is (numerically) one of the natural images; records every batch.
+
+    logit[label of nearest natural image] = 1 - 100 * distance to it, other logits 0: natural inputs are
+    right, inputs moved by more than ~0.01 (any attack's random start) are wrong. Differentiable.
+    """
+
+    def __init__(self, natural: torch.Tensor, labels: torch.Tensor, n_classes: int = 10):
+        super().__init__()
+        self.natural, self.labels, self.n_classes = natural, labels, n_classes
+        self.batches: list[torch.Tensor] = []
+
+    def forward(self, x):
+        self.batches.append(x.detach().clone())
+        dist = (x.flatten(1)[:, None, :] - self.natural.flatten(1)[None]).abs().amax(dim=2)  # [B, N] Linf
+        nearest = dist.argmin(dim=1)
+        d = dist.gather(1, nearest[:, None]).squeeze(1)
+        logits = torch.zeros(len(x), self.n_classes, dtype=x.dtype)
+        return logits.index_put((torch.arange(len(x)), self.labels[nearest]), 1 - 100 * d)
+
+    def n_perturbed(self, batch):
+        dist = (batch.flatten(1)[:, None, :] - self.natural.flatten(1)[None]).abs().amax(dim=2)
+        return int((dist.amin(dim=1) > 1e-6).sum())
+
+
+def test_mixed_groups_cover_every_input_once_with_exact_counts():
+    for batch, n_adv in [(16, 1), (10, 3), (8, 8), (7, 2), (128, 13)]:
+        groups = mixed_groups(batch, n_adv)
+        owned = [i for index, own in groups for i, o in zip(index, own) if o]
+        assert sorted(owned) == list(range(batch))
+        assert all(len(index) == n_adv == len(set(index)) for index, _ in groups)
+    assert adv_count(1, 16) == 1 and adv_count(0.1, 128) == 13 and adv_count(0.5, 7) == 4 and adv_count(0.01, 8) == 1
+    assert mix_label(1) == "1 adv" and mix_label(0.25) == "25%"
+
+
+@pytest.mark.parametrize("mix, batch, expected_adv", [([1], 8, 1), ([0.25], 8, 2), ([0.5], 6, 3)])
+def test_mixed_batches_hold_the_requested_share_and_score_only_the_adversarial_part(mix, batch, expected_adv):
+    data = fake_data(8, seed=1)
+    spy = Spy(data.images, data.labels)
+    p = point(name="mixed", threats=["Linf:16/255"], n_iter=[2], n_target_classes=1,
+              adaptive={"mixed": mix, "mixed_batch_size": batch, "attacks": ["apgd-ce", "apgd-t"]})
+    out = run_mixed(spy, data.images, data.labels, p, device="cpu", seed=0)
+    label = f"mixed {mix_label(mix[0])}"
+    sizes = {len(b) for b in spy.batches}
+    counts = {spy.n_perturbed(b) for b in spy.batches}
+    # Every batch the defense saw has the mixed batch size (the last evaluation sub-batch may be smaller:
+    # 8 = 6 + 2 at batch 6) and exactly the requested number of adversarial inputs, the rest natural;
+    # 0 only in each attack's first query, the clean batch APGD starts from.
+    assert sizes <= {batch, 8 % batch or batch}
+    expected = {0, expected_adv} | ({adv_count(mix[0], 2)} if batch == 6 else set())
+    assert counts == expected
+    clean_queries = sum(spy.n_perturbed(b) == 0 for b in spy.batches)
+    assert clean_queries == 2 * out.notes["mixed_batches"][label]  # one per attack (apgd-ce, apgd-t) and batch
+    # The spy gets every natural input right and every perturbed one wrong: accuracy on the adversarial
+    # part is 0 (counting the natural part would give > 0), one result per input.
+    assert out.robust[label].shape == (8,) and not out.robust[label].any()
+    assert (out.pred[label] != data.labels).all()
+    assert out.notes["adversarial_per_batch"][label][0] == [expected_adv, batch]
+
+
+def test_mixed_batch_module_composes_and_differentiates():
+    natural = torch.rand(5, 3, 4, 4)
+    seen = []
+    mixed = MixedBatch(lambda b: seen.append(b) or b.flatten(1)[:, :3] * 2, natural, [1, 3])
+    adv = torch.rand(2, 3, 4, 4, requires_grad=True)
+    out = mixed(adv)
+    assert out.shape == (2, 3) and len(seen[0]) == 5
+    assert torch.equal(seen[0][[0, 2, 4]], natural[[0, 2, 4]]) and torch.equal(seen[0][[1, 3]], adv.detach())
+    out.sum().backward()
+    assert adv.grad is not None and adv.grad.abs().sum() > 0
+
+
+def test_apgd_batch_queries_whole_batches_and_finds_examples():
+    data = fake_data(6, seed=2)
+    spy = Spy(data.images, data.labels)
+    for attack in ("apgd-ce", "apgd-dlr", "apgd-t"):
+        spy.batches.clear()
+        res = apgd_batch(spy, data.images, data.labels, attack=attack, eps=8 / 255, n_iter=3, n_restarts=2,
+                         n_target_classes=2)
+        assert {len(b) for b in spy.batches} == {6}
+        assert not res.robust.any()
+        assert (res.x_adv - data.images).abs().max() <= 8 / 255 + 1e-6
+        assert len(res.runs) == (4 if attack == "apgd-t" else 2)
+
+
+def test_bpda_answers_like_the_defense_with_the_approximation_gradient():
+    net = tiny_net()
+    dent = Dent(net, DentConfig(steps=3, lr=0.05))
+    short = DifferentiableDent(Dent(net, DentConfig(steps=1, lr=0.05)))
+    bpda = BPDA(dent, short)
+    x = torch.rand(4, 3, 8, 8)
+    xr = x.clone().requires_grad_(True)
+    out = bpda(xr)
+    with torch.no_grad():
+        assert torch.allclose(out, dent(x))
+    (g,) = torch.autograd.grad(out.sum(), xr)
+    xr2 = x.clone().requires_grad_(True)
+    (g_short,) = torch.autograd.grad(short(xr2).sum(), xr2)
+    assert torch.allclose(g, g_short)
+
+
+@pytest.fixture(scope="module")
+def defended():
+    net = tiny_net()
+    data = fake_data(6, model=net)
+    return Dent(net, DentConfig(steps=2, lr=0.05)), data.images, data.labels
+
+
+@pytest.mark.parametrize("name, extra, labels", [
+    ("through_adaptation", {"adaptive": {"horizon": 1, "checkpoint": True}}, ["apgd-ce", "apgd-t"]),
+    ("bpda_eot", {"eot_iter": 2}, ["apgd-ce", "apgd-t"]),
+    ("surrogate_transfer", {"n_restarts": 1}, ["static:apgd-t", "shortened:apgd-t"]),
+    ("transfer", {"version": "custom", "attacks": ["apgd-ce", "apgd-t"], "mode": "both"},
+     ["static:apgd-ce", "static:apgd-t", "static:ensemble"]),
+])
+def test_runners_report_per_point_results_checked_on_the_defense(defended, name, extra, labels):
+    dent, x, y = defended
+    p = point(name=name, threats=["Linf:32/255"], n_iter=[2], n_target_classes=1, **extra)
+    out = ATTACKS.get(name)(dent, x, y, p, device="cpu", seed=0)
+    assert list(out.robust) == labels
+    for label in labels:
+        robust, pred = out.robust[label], out.pred[label]
+        assert robust.dtype == torch.bool and robust.shape == (6,) and pred.shape == (6,)
+        assert not robust.all()  # at 32/255 every attack breaks some of the 6 points of this tiny net
+        assert (pred[robust] == y[robust]).all()  # a robust point's reported answer is right
+    if name == "through_adaptation":
+        assert out.notes["gradient"]["differentiated_steps"] == 1 and out.notes["gradient"]["checkpoint"]
+    if name == "transfer":
+        assert set(out.notes["source_robust"]) == set(labels)
+
+
+def test_adaptive_attacks_on_a_non_dent_model_are_clear_errors():
+    from dent.errors import InvalidInputError
+
+    net = tiny_net()
+    data = fake_data(4, model=net)
+    with pytest.raises(InvalidInputError, match="Dent"):
+        ATTACKS.get("through_adaptation")(net, data.images, data.labels, point(name="through_adaptation"),
+                                           device="cpu", seed=0)
+
+
+def test_config_keys_and_unit_keys():
+    c = load_config(None, ["attack.name", "mixed", "attack.adaptive.mixed", "[1, 0.1]",
+                           "attack.adaptive.horizon", "3", "attack.adaptive.attacks", "apgd-dlr"])
+    p = c.attack.points()[0]
+    # A point's key covers only the keys its attack reads (horizon is through_adaptation's).
+    assert p.adaptive.mixed == [1, 0.1] and p.adaptive.horizon is None and p.adaptive.attacks == ["apgd-dlr"]
+    assert "mix 1 adv,10%" in p.label
+    # Non-adaptive points have no adaptive key (their unit keys did not change).
+    assert "adaptive" not in load_config(None, []).attack.points()[0].to_dict()
+    for bad, message in [(["attack.adaptive.attacks", "[fab]"], "unknown APGD variant"),
+                         (["attack.adaptive.mixed", "[1.5]"], "mixed"),
+                         (["attack.adaptive.sources", "[dent]"], "sources"),
+                         (["attack.name", "pgd", "attack.attacks", "[apgd-ce]"], "AutoAttack attacks")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, bad)
+    t = load_config(None, ["attack.name", "transfer", "attack.version", "custom", "attack.attacks", "[apgd-ce]"])
+    assert t.attack.points()[0].attacks == ("apgd-ce",)
+    assert AdaptiveSection(sources=["static", "shortened"]).source_list("transfer")[1].value == "shortened"

@@ -1,0 +1,114 @@
+"""``dent evaluate`` and ``dent report`` on the command line: a small real run, errors, the main job config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dent.cli.main import main
+from dent.config import load_config
+from dent.evaluation.mainjob import main_job
+from eval_support import write_fake_cifar10, write_small_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A fake CIFAR-10 folder (40 test images) and a random ResNet-26-1 checkpoint."""
+    root = tmp_path_factory.mktemp("small")
+    return {
+        "data": write_fake_cifar10(root / "data"),
+        "ckpt": write_small_checkpoint(root / "resnet26_1.pt"),
+        "root": root,
+    }
+
+
+def small_args(small, name: str) -> list[str]:
+    return [
+        "model.arch", "resnet26_1", "model.checkpoint", small["ckpt"], "data.dir", small["data"],
+        "data.n_images", "8", "data.batch_size", "4", "device", "cpu", "evaluation.progress", "false",
+        "output.root", small["root"] / "runs", "output.name", name,
+        "attack.version", "custom", "attack.attacks", "[apgd-ce, apgd-t]", "attack.n_iter", "2",
+        "attack.n_restarts", "1", "attack.n_target_classes", "1",
+    ]
+
+
+def test_main_yaml_mirrors_the_builtin_main_job():
+    assert load_config(REPO / "cfgs" / "main.yaml") == load_config(None, file_defaults=main_job())
+    job = load_config(None, file_defaults=main_job())
+    assert job.model.arch == "autoattack_resnet18" and job.data.dataset == "cifar10"
+    assert list(job.defenses) == ["static", "dent", "dent_sigma"]
+    assert job.defenses["dent_sigma"].input.value == "batch" and job.defenses["static"].steps == 0
+    (point,) = job.attack.points()
+    assert point.norm.value == "Linf" and point.eps == pytest.approx(1.5 / 255)
+
+
+def test_evaluate_prints_the_table_and_writes_the_report(capsys, small):
+    code, out, err = run_cli(capsys, "evaluate", "--cfg", REPO / "cfgs" / "main.yaml", *small_args(small, "cli"))
+    assert code == 0, err
+    assert "| Accuracy (%) | Natural static | Natural dent | Natural dent_sigma | Adversarial static |" in out
+    assert "N = 8" in out and "Linf 1.5/255" in out
+    run_dir = small["root"] / "runs" / "cli"
+    report = run_dir / "report"
+    for name in ("report.md", "results.csv", "results.json", "accuracy.png", "accuracy_vs_eps.png"):
+        assert (report / name).is_file(), name
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["arch"] == "resnet26_1"
+
+    # Re-running resumes: nothing to compute.
+    code, out, err = run_cli(capsys, "evaluate", "--cfg", REPO / "cfgs" / "main.yaml", *small_args(small, "cli"))
+    assert code == 0 and "0 unit(s) run, 12 resumed" in out
+
+    # A changed config in the same run directory is refused, naming the key.
+    code, out, err = run_cli(capsys, "evaluate", "--cfg", REPO / "cfgs" / "main.yaml", *small_args(small, "cli"),
+                             "defenses.dent.steps", "5")
+    assert code == 2
+    assert "refusing to mix" in err and "defenses.dent.steps: 2 (stored) -> 5 (now)" in err
+
+    # dent report rewrites the report, also into another folder.
+    code, out, err = run_cli(capsys, "report", run_dir, "--out", small["root"] / "rep")
+    assert code == 0, err
+    assert "## Accuracy (%)" in out and (small["root"] / "rep" / "accuracy.png").is_file()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["attack.name", "deepfool"], "unknown attack 'deepfool'"),
+    (["attack.version", "custom", "attack.attacks", "[apgd-xx]"], "unknown AutoAttack attack 'apgd-xx'"),
+    (["attack.threats", "L1:0.5"], "'Linf' or 'L2'"),
+    (["attack.threats", "Linf:8"], "out of range (0, 1]"),
+    (["attack.threats", "L2:100"], "L2 epsilon 100 is out of range"),
+    (["data.n_images", "1000"], "cannot draw n=1000 images from a split of 40"),
+    (["evaluation.shard", "3/2"], "'evaluation.shard'"),
+])
+def test_bad_input_is_a_clear_error(capsys, small, extra, message):
+    code, out, err = run_cli(capsys, "evaluate", *small_args(small, "bad"), *extra)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert not (small["root"] / "runs" / "bad").exists()  # bad input leaves no run directory behind
+
+
+def test_report_of_something_that_is_not_a_run(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "report", tmp_path)
+    assert code == 2 and "is not a run directory" in err
+    code, out, err = run_cli(capsys, "report", tmp_path / "missing")
+    assert code == 2 and "does not exist" in err
+
+
+def test_every_experiment_config_is_valid():
+    names = sorted(p.name for p in (REPO / "cfgs").glob("table*.yaml"))
+    assert {"table1_linf.yaml", "table1_l2.yaml", "table2.yaml", "table4.yaml", "table7.yaml", "table8.yaml",
+            "table9.yaml", "table10.yaml", "table12.yaml", "table13.yaml"} <= set(names)
+    for name in names + ["main.yaml", "figure4.yaml"]:
+        cfg = load_config(REPO / "cfgs" / name)
+        assert cfg.attack.points() and cfg.defenses, name

@@ -1,0 +1,122 @@
+"""Results survive ``kill -9``: an evaluation killed part-way (twice) and resumed ends with exactly the
+units and numbers of an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from dent.evaluation.report import load_summary
+from dent.evaluation.store import ResultStore
+
+TESTS = Path(__file__).resolve().parent
+
+SCRIPT = """
+import sys
+from pathlib import Path
+from eval_support import fake_data, tiny_net
+from dent.config import load_config
+from dent.evaluation.runner import evaluate
+
+overrides = [
+    "device", "cpu", "data.n_images", "48", "data.batch_size", "4", "evaluation.progress", "false",
+    "attack.version", "custom", "attack.attacks", "[apgd-ce, apgd-t]", "attack.threats", "[Linf:8/255, Linf:16/255]",
+    "attack.n_iter", "2", "attack.n_restarts", "1", "attack.n_target_classes", "1",
+]
+cfg = load_config(None, overrides, file_defaults={"defenses": {"static": {"steps": 0}, "dent": {"steps": 1, "lr": 0.01}}})
+net = tiny_net()
+evaluate(cfg, model=net, data=fake_data(48, model=net), run_dir=Path(sys.argv[1]))
+"""
+N_UNITS = 2 * 12 * 3  # defenses x batches x (clean + 2 attack points)
+
+
+def start(run_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, str(run_dir)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def stored(run_dir: Path) -> int:
+    db_path = run_dir / "results.sqlite"
+    if not db_path.exists():
+        return 0
+    try:
+        with sqlite3.connect(db_path, timeout=5) as db:
+            return db.execute("SELECT COUNT(*) FROM units").fetchone()[0]
+    except sqlite3.OperationalError:  # created but schema not yet there
+        return 0
+
+
+def kill_after(run_dir: Path, at_least: int, timeout: float = 240) -> int:
+    """Start the evaluation, SIGKILL it once ``at_least`` units are stored; return the count at the kill."""
+    proc = start(run_dir)
+    deadline = time.monotonic() + timeout
+    while stored(run_dir) < at_least:
+        if proc.poll() is not None:
+            pytest.fail(f"evaluation ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("evaluation too slow to reach the kill point")
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return stored(run_dir)
+
+
+def finish(run_dir: Path) -> None:
+    proc = start(run_dir)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err.decode()[-3000:]
+
+
+def units(run_dir: Path):
+    with ResultStore(run_dir / "results.sqlite", create=False) as store:
+        return list(store.records())
+
+
+def numbers(run_dir: Path):
+    out = {}
+    for row in load_summary([run_dir]).rows:
+        out[(row.defense, "natural")] = (row.natural.correct, row.natural.n)
+        for label, pr in row.attacks.items():
+            out[(row.defense, label)] = (pr.worst.correct, pr.worst.n)
+    return out
+
+
+def test_kill_9_and_resume_equals_uninterrupted_run(tmp_path):
+    reference = tmp_path / "reference"
+    finish(reference)
+
+    run = tmp_path / "killed"
+    first = kill_after(run, at_least=3)
+    assert 3 <= first < N_UNITS
+    second = kill_after(run, at_least=first + 5)  # resumes, then is killed again
+    assert first + 5 <= second < N_UNITS
+    finish(run)
+
+    got, want = units(run), units(reference)
+    assert len(got) == len(want) == N_UNITS
+    keys = Counter(r.key for r in got)
+    assert max(keys.values()) == 1  # no duplicated unit
+    assert set(keys) == {r.key for r in want}  # no missing or foreign unit
+    # every point evaluated exactly once per defense, kind and attack point
+    coverage = Counter((r.defense, r.kind, r.attack, p) for r in got for p in r.result["positions"])
+    assert set(coverage.values()) == {1} and len(coverage) == 2 * 3 * 48
+    # identical per-point results, hence identical final numbers
+    by_key = {r.key: r.result for r in want}
+    for r in got:
+        assert r.result["robust" if r.kind == "attack" else "clean_pred"] == \
+            by_key[r.key]["robust" if r.kind == "attack" else "clean_pred"]
+    assert numbers(run) == numbers(reference)
+    log = (run / "evaluate.log").read_text()
+    assert "already stored (skipped)" in log

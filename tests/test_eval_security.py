@@ -1,0 +1,134 @@
+"""Per-point worst case over every attack run on a defense, the security table and the attack sanity checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from dent.evaluation.report import markdown, to_json
+from dent.evaluation.security import (
+    check_eps_curve, check_iteration_curve, row_worst_case, sanity_checks, security_tables, worst_case_cell,
+    worst_case_flags,
+)
+from dent.evaluation.store import UnitRecord
+from dent.evaluation.summary import summarize
+
+CONTEXT = {"model": {"arch": "tiny", "threat_model": "Linf"},
+           "data": {"dataset": "cifar10", "split": "test", "n_images": 4, "subset_seed": 0}, "seed": 0}
+DEFENSES = {"static": {"steps": 0, "stats": "fixed", "input": "none"}, "dent": {"steps": 10, "stats": "fixed"}}
+
+
+def test_worst_case_flags_on_hand_made_results():
+    results = {
+        "autoattack": {0: True, 1: True, 2: False, 3: True},
+        "transfer": {0: True, 1: False, 2: True, 3: True},
+        "mixed": {0: True, 1: True, 2: True, 3: False, 4: True},  # point 4: only this attack ran on it
+    }
+    flags = worst_case_flags(results)
+    assert flags == {0: True, 1: False, 2: False, 3: False}  # robust only if robust under every attack
+    cell = worst_case_cell(results, expected=5)
+    assert (cell.correct, cell.n, cell.accuracy, cell.complete) == (1, 4, 0.25, False)
+    assert worst_case_flags({"a": {0: False, 1: True}}) == {0: False, 1: True}
+    assert worst_case_flags({}) == {}
+
+
+def point(name, eps=8 / 255, n_iter=None, **extra):
+    p = {"name": name, "version": "standard" if name == "autoattack" else None, "attacks": [], "mode": "ensemble",
+         "norm": "Linf", "eps": eps, "n_iter": n_iter, "n_restarts": None, "n_target_classes": None,
+         "n_queries": None, "eot_iter": None, "step_size": None, "random_start": True}
+    if name not in ("autoattack", "pgd"):
+        from dent.attacks.adaptive_config import AdaptiveSection
+
+        p["adaptive"] = AdaptiveSection().for_attack(name).to_dict()
+    p.update(extra)
+    return p
+
+
+def record(defense, attack, robust, labels=(0, 1, 2, 3), positions=(0, 1, 2, 3), batch=0, clean=None):
+    spec = {**CONTEXT, "kind": "attack" if attack else "clean", "defense": defense,
+            "defense_config": DEFENSES[defense], "attack": attack, "batch_size": len(positions),
+            "batch_index": batch, "positions": list(positions)}
+    result = {"positions": list(positions), "labels": list(labels)}
+    if attack is None:
+        result["clean_pred"] = list(clean)
+        label = None
+    else:
+        result["robust"] = robust
+        label = f"{attack['name']} {attack['eps']:.4f} {attack.get('n_iter')}"
+    key = f"{defense}-{label}-{batch}"
+    return UnitRecord(key=key, config_hash="x", kind=spec["kind"], defense=defense, attack=label,
+                      batch_size=len(positions), batch_index=batch, spec=spec, result=result, seconds=0.0,
+                      device="cpu")
+
+
+def test_worst_case_over_attacks_in_summary_and_security_table():
+    aa, transfer, through = point("autoattack"), point("transfer"), point("through_adaptation")
+    other_threat = point("autoattack", eps=16 / 255)
+    records = [
+        record("static", None, None, clean=[0, 1, 2, 0]),  # 3/4 right
+        record("dent", None, None, clean=[0, 1, 2, 3]),
+        record("static", aa, {"ensemble": [False, False, True, False]}),
+        record("dent", aa, {"ensemble": [True, True, True, False]}),
+        # Two labels of one attack point: per point worst case inside the point already.
+        record("dent", transfer, {"static:apgd-ce": [True, False, True, True],
+                                  "static:ensemble": [True, True, True, True]}),
+        record("dent", through, {"apgd-ce": [True, True, False, True], "apgd-t": [True, True, True, True]}),
+        record("dent", other_threat, {"ensemble": [False, False, False, False]}),  # another threat: not mixed in
+    ]
+    summary = summarize(records)
+    dent = next(r for r in summary.rows if r.defense == "dent")
+    cell = row_worst_case(dent, "Linf 8/255")
+    # dent: AA breaks 3, transfer breaks 1, through-adaptation breaks 2 -> only point 0 survives all.
+    assert (cell.correct, cell.n) == (1, 4)
+    assert dent.attacks[next(iter(dent.attacks))].per_point == {0: True, 1: True, 2: True, 3: False}
+    assert row_worst_case(dent, "Linf 16/255").correct == 0
+
+    tables = {t.threat: t for t in security_tables(summary)}
+    t = tables["Linf 8/255"]
+    assert t.columns == ["static", "dent"]
+    measures = [m for m, _ in t.lines]
+    assert measures[0] == "clean" and measures[-1].startswith("worst case")
+    assert "[paper protocol]" in measures[1] and measures[2].startswith("transfer")
+    assert "through the adaptation" in measures[3]
+    clean, worst = t.lines[0][1], t.lines[-1][1]
+    assert (clean[0].correct, clean[1].correct) == (3, 4)
+    assert (worst[0].correct, worst[1].correct) == (1, 1)  # static: only its AutoAttack ran
+    text = markdown(summary)
+    assert "## Security" in text and "| worst case over all attacks (per point) | 25.0 | 25.0 |" in text
+    assert to_json(summary)["security"]["tables"][0]["lines"][-1]["cells"][1]["correct"] == 1
+
+
+def test_sanity_checks_flag_curves_that_do_not_reach_zero_or_converge():
+    ok, _ = check_eps_curve([(1 / 255, 0.6), (4 / 255, 0.2), (16 / 255, 0.0)])
+    assert ok
+    ok, message = check_eps_curve([(1 / 255, 0.6), (4 / 255, 0.4), (16 / 255, 0.3)])
+    assert not ok and "not about 0" in message
+    ok, message = check_eps_curve([(1 / 255, 0.3), (4 / 255, 0.5), (16 / 255, 0.0)])
+    assert not ok and "rises" in message
+    assert check_eps_curve([(1 / 255, 0.3)])[0]  # one point: nothing to check
+    # Table 10's curve converges; one still dropping is flagged.
+    table10 = [(1, .632), (2, .596), (3, .566), (6, .531), (13, .508), (25, .499), (50, .495), (100, .494),
+               (200, .490), (400, .491), (800, .490)]
+    assert check_iteration_curve(table10)[0]
+    ok, message = check_iteration_curve(table10[:5])
+    assert not ok and "still dropping" in message
+    # A one-image change is not evidence on a small evaluation.
+    assert check_iteration_curve([(10, 0.5), (20, 0.375)], n=8)[0]
+
+
+def test_report_flags_a_failing_sweep():
+    records = [record("dent", None, None, clean=[0, 1, 2, 3])]
+    for eps, robust in [(1 / 255, [True, True, True, False]), (8 / 255, [True, True, False, False]),
+                        (64 / 255, [True, True, False, False])]:  # stuck at 50%: gradient masking?
+        records.append(record("dent", point("through_adaptation", eps=eps), {"apgd-ce": robust}))
+    for n_iter, robust in [(10, [True, True, True, True]), (20, [True, False, False, True])]:
+        records.append(record("dent", point("autoattack", n_iter=n_iter), {"ensemble": robust}))
+    summary = summarize(records)
+    checks = {c.kind: c for c in sanity_checks(summary)}
+    assert not checks["epsilon"].ok and not checks["iterations"].ok
+    text = markdown(summary)
+    assert "**2 of 2 swept curve(s) flagged**" in text and "not about 0" in text and "still dropping" in text
+
+
+@pytest.mark.parametrize("eps_acc, ok", [([0.5, 0.04], True), ([0.5, 0.06], False)])
+def test_eps_threshold(eps_acc, ok):
+    assert check_eps_curve([(0.01, eps_acc[0]), (0.1, eps_acc[1])])[0] is ok
