@@ -152,6 +152,17 @@ def test_runners_report_per_point_results_checked_on_the_defense(defended, name,
         assert set(out.notes["source_robust"]) == set(labels)
 
 
+def test_python_api(defended):
+    from dent.attacks.adaptive import adaptive_attack
+
+    dent, x, y = defended
+    out = adaptive_attack(dent, x, y, "through_adaptation", eps=32 / 255, n_iter=2, n_target_classes=1,
+                          attacks=["apgd-dlr"], horizon=1)
+    assert list(out.robust) == ["apgd-dlr"] and out.notes["gradient"]["differentiated_steps"] == 1
+    out = adaptive_attack(dent, x, y, "transfer", eps=32 / 255, n_iter=2, version="custom", attacks=("apgd-ce",))
+    assert list(out.robust) == ["static:ensemble"]
+
+
 def test_adaptive_attacks_on_a_non_dent_model_are_clear_errors():
     from dent.errors import InvalidInputError
 
@@ -169,7 +180,8 @@ def test_config_keys_and_unit_keys():
     # A point's key covers only the keys its attack reads (horizon is through_adaptation's).
     assert p.adaptive.mixed == [1, 0.1] and p.adaptive.horizon is None and p.adaptive.attacks == ["apgd-dlr"]
     assert "mix 1 adv,10%" in p.label
-    # Non-adaptive points have no adaptive key (their unit keys did not change).
+    # Unset, the section is absent: other attacks' configs, run hashes and unit keys did not change.
+    assert "adaptive" not in load_config(None, []).to_dict()["attack"]
     assert "adaptive" not in load_config(None, []).attack.points()[0].to_dict()
     for bad, message in [(["attack.adaptive.attacks", "[fab]"], "unknown APGD variant"),
                          (["attack.adaptive.mixed", "[1.5]"], "mixed"),

@@ -132,3 +132,44 @@ def test_report_flags_a_failing_sweep():
 @pytest.mark.parametrize("eps_acc, ok", [([0.5, 0.04], True), ([0.5, 0.06], False)])
 def test_eps_threshold(eps_acc, ok):
     assert check_eps_curve([(0.01, eps_acc[0]), (0.1, eps_acc[1])])[0] is ok
+
+
+def test_adaptive_runs_merge_into_the_security_report(tmp_path):
+    """`dent evaluate` configs with adaptive attacks, merged by the report (Python API of both)."""
+    import yaml
+
+    from dent.config import load_config
+    from dent.evaluation.report import write_report
+    from dent.evaluation.runner import evaluate
+    from eval_support import fake_data, tiny_net
+
+    net = tiny_net()
+    data = fake_data(8, model=net)
+    base = ["device", "cpu", "data.n_images", "8", "data.batch_size", "4", "evaluation.progress", "false",
+            "evaluation.report", "false", "attack.threats", "[Linf:32/255]", "attack.n_iter", "2",
+            "attack.n_target_classes", "1"]
+    defenses = {"defenses": yaml.safe_load("{static: {steps: 0}, dent: {steps: 2, lr: 0.05}}")}
+    runs = []
+    for name, extra in [("aa", ["attack.version", "custom", "attack.attacks", "[apgd-ce]"]),
+                        ("through", ["attack.name", "through_adaptation", "attack.adaptive.checkpoint", "true"]),
+                        ("mixed", ["attack.name", "mixed", "attack.adaptive.mixed", "[0.5]",
+                                   "attack.adaptive.attacks", "[apgd-ce]"])]:
+        cfg = load_config(None, base + extra, file_defaults=defenses)
+        evaluate(cfg, model=net, data=data, run_dir=tmp_path / name)
+        runs.append(tmp_path / name)
+    files = write_report(runs, tmp_path / "report")
+    assert "## Security" in files.text
+    tables = to_json_tables(files)
+    lines = {line["measure"]: line["cells"] for line in tables[0]["lines"]}
+    worst = lines["worst case over all attacks (per point)"]
+    attacks = [cells for measure, cells in lines.items()
+               if measure not in ("clean", "worst case over all attacks (per point)")]
+    assert len(attacks) == 3 and all(c["n"] == 8 for c in worst)
+    for column, cell in enumerate(worst):  # the worst case is at most every single attack's accuracy
+        assert all(cell["correct"] <= cells[column]["correct"] for cells in attacks)
+
+
+def to_json_tables(files):
+    import json
+
+    return json.loads(files.json.read_text())["security"]["tables"]

@@ -11,10 +11,10 @@ import hashlib
 import json
 from fractions import Fraction
 from pathlib import Path
-from typing import Annotated, Any, Iterable
+from typing import Annotated, Any, ClassVar, Iterable
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_serializer
 
 from dent.errors import ConfigError
 
@@ -23,6 +23,19 @@ class Section(BaseModel):
     """Base class of every config section: unknown keys are errors, values are validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True, use_enum_values=False)
+
+    #: Fields added after results were first stored: serialized only when they differ from their default,
+    #: so saved configs, run hashes and result keys of earlier runs stay valid (and resumable).
+    omitted_at_default: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_late_defaults(self, handler: Any) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            for name in self.omitted_at_default:
+                if name in data and getattr(self, name) == type(self).model_fields[name].default:
+                    del data[name]
+        return data
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -364,6 +364,34 @@ def run_surrogate_transfer(model: nn.Module, x: Tensor, y: Tensor, point: Any, *
     return _done(robust, pred, notes)
 
 
+def adaptive_attack(defense: nn.Module, x: Tensor, y: Tensor, name: str, *, eps: float, norm: str = "Linf",
+                    n_iter: int | None = None, n_restarts: int | None = None, n_target_classes: int | None = None,
+                    eot_iter: int | None = None, seed: int = 0, version: str = "standard",
+                    attacks: tuple[str, ...] = (), **adaptive: Any):
+    """Run the adaptive attack ``name`` on one batch from Python, with ``attack.adaptive`` keys as keywords.
+
+    E.g. ``adaptive_attack(Dent(model, cfg), x, y, "through_adaptation", eps=8/255, n_iter=100,
+    horizon=None, checkpoint=True)``. ``attacks`` lists the APGD variants (``adaptive.attacks``), or for
+    ``transfer`` AutoAttack's custom list (with ``version="custom"``). Returns the
+    :class:`~dent.attacks.registry.AttackOutcome` (per-point ``robust`` and ``pred`` per label, ``notes``).
+    """
+    from dent.attacks.config import AttackSection
+
+    if name not in ADAPTIVE_RUNNERS:
+        raise InvalidInputError(f"unknown adaptive attack {name!r}; valid: {', '.join(ADAPTIVE_RUNNERS)}")
+    if name == "transfer":
+        extra: dict[str, Any] = {"version": version, "attacks": list(attacks)}
+    else:
+        extra = {}
+        if attacks:
+            adaptive["attacks"] = list(attacks)
+    section = AttackSection(
+        name=name, threats=[{"norm": norm, "eps": eps}], n_iter=[n_iter] if n_iter else [], n_restarts=n_restarts,
+        n_target_classes=n_target_classes, eot_iter=eot_iter, adaptive=adaptive, **extra,
+    )
+    return ADAPTIVE_RUNNERS[name](defense, x, y, section.points()[0], device=x.device, seed=seed)
+
+
 ADAPTIVE_RUNNERS = {
     "transfer": run_transfer,
     "mixed": run_mixed,

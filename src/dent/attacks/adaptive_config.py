@@ -84,8 +84,10 @@ class AdaptiveSection(Section):
     # Steps of the shortened defense (bpda_eot's gradient, the 'shortened' source); at most the defense's.
     short_steps: Annotated[int, Field(ge=1)] = 2
     # mixed: adversarial share of every adapted batch, each a count (an integer >= 1, e.g. 1 = one
-    # adversarial input per batch) or a fraction in (0, 1); one result label per entry (Table 6).
-    mixed: list[MixEntry] = Field(default_factory=lambda: [1, 0.1, 0.25, 0.5, 0.75, 0.9])
+    # adversarial input per batch) or a fraction in (0, 1); one result label per entry (Table 6). Every
+    # input is attacked once per entry, so an entry costs batch/count whole-batch attacks (1 in 16: 16x).
+    # The paper's single adversarial input was in batches of 16: mixed [1] with mixed_batch_size 16.
+    mixed: list[MixEntry] = Field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75, 0.9])
     # mixed: size of the batches the defense adapts on; null = the evaluation batch (data.batch_size).
     mixed_batch_size: Optional[Annotated[int, Field(ge=2)]] = None
     # through_adaptation: differentiate only the last `horizon` adaptation steps (truncated); null = all.
@@ -159,6 +161,12 @@ def adv_count(entry: float | int, batch: int) -> int:
     return max(1, min(n, batch))
 
 
+def _pixels(value: float) -> str:
+    """``1/255`` for values on the half 1/255 grid, else the number."""
+    scaled = round(value * 510) / 2
+    return f"{scaled:g}/255" if abs(value * 255 - scaled) < 1e-6 else f"{value:.4g}"
+
+
 def point_tag(name: str, adaptive: dict[str, Any] | AdaptiveSection) -> str:
     """A short tag of an adaptive attack point, for labels: ``THROUGH_ADAPTATION(apgd-ce,apgd-t)``."""
     a = adaptive if isinstance(adaptive, AdaptiveSection) else AdaptiveSection.model_validate(adaptive)
@@ -175,7 +183,7 @@ def point_tag(name: str, adaptive: dict[str, Any] | AdaptiveSection) -> str:
     if name == "bpda_eot" or (name in DEFAULT_SOURCES and Source.SHORTENED in a.source_list(name)):
         parts.append(f"short {a.short_steps}")
     if name == "bpda_eot" and a.eot_noise:
-        parts.append(f"noise {a.eot_noise:.4g}")
+        parts.append(f"noise {_pixels(a.eot_noise)}")
     return f"{name.upper()}({'; '.join(parts)})"
 
 
@@ -201,7 +209,7 @@ def describe_point(point: dict[str, Any]) -> str:
     elif name == "bpda_eot":
         out = f"BPDA+EOT of {', '.join(a.sub_attacks(name))} via a {a.short_steps}-step defense"
         if a.eot_noise:
-            out += f", noise {a.eot_noise:.4g}"
+            out += f", noise std {_pixels(a.eot_noise)}"
     elif name == "surrogate_transfer":
         out = (f"transfer of {', '.join(a.sub_attacks(name))} from surrogates "
                + "+".join(s.value if s is Source.STATIC else f"{a.short_steps}-step defense"

@@ -138,11 +138,7 @@ class AttackPoint(Section):
     random_start: bool = True  # PGD only
     adaptive: Optional[AdaptiveSection] = None  # adaptive attacks only (dent.attacks.adaptive)
 
-    def to_dict(self) -> dict[str, Any]:
-        data = super().to_dict()
-        if data.get("adaptive") is None:
-            del data["adaptive"]  # other attacks' unit keys stay what they were before adaptive attacks existed
-        return data
+    omitted_at_default = frozenset({"adaptive"})  # keeps pre-adaptive-attack hashes and unit keys
 
     @property
     def threat_label(self) -> str:
@@ -194,8 +190,11 @@ class AttackSection(Section):
     eot_iter: Optional[PositiveInt] = None  # expectation-over-transformation samples (version rand)
     step_size: Optional[PixelFloat] = None  # PGD step; default 2.5 * eps / n_iter
     random_start: bool = True  # PGD starts from a random point in the ball
-    # Adaptive attacks (transfer | mixed | through_adaptation | bpda_eot | surrogate_transfer): their knobs.
-    adaptive: AdaptiveSection = AdaptiveSection()
+    # Adaptive attacks (transfer | mixed | through_adaptation | bpda_eot | surrogate_transfer): their knobs
+    # (dent.attacks.adaptive_config.AdaptiveSection); null = its defaults.
+    adaptive: Optional[AdaptiveSection] = None
+
+    omitted_at_default = frozenset({"adaptive"})  # keeps pre-adaptive-attack hashes and unit keys
 
     @field_validator("name")
     @classmethod
@@ -270,7 +269,8 @@ class AttackSection(Section):
                         eot_iter=self.eot_iter,
                         step_size=self.step_size if self.name == "pgd" else None,
                         random_start=self.random_start if self.name == "pgd" else True,
-                        adaptive=self.adaptive.for_attack(self.name) if self.name in ADAPTIVE_ATTACKS else None,
+                        adaptive=(self.adaptive or AdaptiveSection()).for_attack(self.name)
+                        if self.name in ADAPTIVE_ATTACKS else None,
                     )
                 )
         return out

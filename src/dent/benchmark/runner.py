@@ -208,8 +208,9 @@ class Bench:
         result["summary"] = summarize(result["rows"])
         return result
 
-    def measure(self, call: Callable[[Tensor], Any], x: Tensor, warmup: int = 0) -> dict[str, Any]:
-        """Time ``call(x)``; also return the last call's output (for the output check)."""
+    def measure(self, call: Callable[[Tensor], Any], x: Tensor, warmup: int = 0, paired: bool = False,
+                repeats: int | None = None) -> dict[str, Any]:
+        """Time ``call(x)`` (``paired``: each repeat right after a static forward); also return the last output."""
         last: dict[str, Any] = {}
 
         def run() -> None:
@@ -217,7 +218,8 @@ class Bench:
             last["output"] = call(x)
 
         clock = "wall" if self.device.type == "cuda" else self.b.clock
-        timing = time_calls(run, self.device, self.b.repeats, warmup, clock=clock)
+        static = (lambda: static_forward(self.model)(x)) if paired else None
+        timing = time_calls(run, self.device, repeats or self.b.repeats, warmup, clock=clock, paired=static)
         return {"timing": timing, "output": last.get("output")}
 
     def warm_up(self, call: Callable[[], Any]) -> float | None:
@@ -239,16 +241,19 @@ class Bench:
         b, batch = self.b, len(x)
         rows = []
         peak = self.warm_up(lambda: static_forward(self.model)(x))
-        static = self.measure(static_forward(self.model), x)["timing"]
+        static = self.measure(static_forward(self.model), x, repeats=2 * b.repeats + 1)["timing"]
         unit = static.median
         rows.append({"batch": batch, "mode": "static", "steps": 0, **static.to_dict(), "x_static": 1.0,
                      "x_floor": 1.0, "peak_mb": peak})
         self.note(f"batch {batch}: static forward {unit:.3f} s")
+        # Every other row is timed in pairs with a static forward right before each repeat, and its ratios
+        # are medians of the per-pair ratios: robust to the load drifting during a long run.
         peak = self.warm_up(lambda: forward_backward(self.model)(x))
-        fb = self.measure(forward_backward(self.model), x)["timing"]
-        rows.append({"batch": batch, "mode": "fwd+bwd", "steps": 0, **fb.to_dict(), "x_static": fb.median / unit,
-                     "x_floor": fb.median / (2 * unit), "peak_mb": peak})
-        self.note(f"batch {batch}: forward + input backward {fb.median:.3f} s = {fb.median / unit:.2f} x static")
+        fb = self.measure(forward_backward(self.model), x, paired=True)["timing"]
+        ratio = fb.paired_ratio()
+        rows.append({"batch": batch, "mode": "fwd+bwd", "steps": 0, **fb.to_dict(), "x_static": ratio,
+                     "x_floor": ratio / 2, "peak_mb": peak})
+        self.note(f"batch {batch}: forward + input backward {fb.median:.3f} s = {ratio:.2f} x static")
         for mode in b.modes:
             naive_ks = [k for k in b.steps if b.naive_for(mode, k)]
             memory = self.warm_up(lambda: no_grad_call(self.defense(mode, 1))(x))
@@ -256,24 +261,20 @@ class Bench:
             if naive_ks:
                 memory_naive = self.warm_up(lambda: no_grad_call(self.defense(mode, 1, naive=True))(x))
             for steps in b.steps:
-                fast = self.measure(no_grad_call(self.defense(mode, steps)), x)
-                t = fast["timing"].median
+                fast = self.measure(no_grad_call(self.defense(mode, steps)), x, paired=True)
+                t, ratio = fast["timing"].median, fast["timing"].paired_ratio()
                 row = {"batch": batch, "mode": mode, "steps": steps, **fast["timing"].to_dict(),
-                       "x_static": t / unit, "x_floor": t / ((2 * steps + 1) * unit)}
-                if memory is not None:
-                    row["peak_mb"] = memory
-                text = f"batch {batch}: {mode} K={steps} {t:.3f} s = {t / unit:.2f} x static, " \
-                       f"{row['x_floor']:.3f} x floor"
+                       "x_static": ratio, "x_floor": ratio / (2 * steps + 1), "peak_mb": memory}
+                text = f"batch {batch}: {mode} K={steps} {t:.3f} s = {ratio:.2f} x static, {row['x_floor']:.3f} x floor"
                 if steps in naive_ks:
-                    naive = self.measure(no_grad_call(self.defense(mode, steps, naive=True)), x)
-                    tn = naive["timing"].median
+                    naive = self.measure(no_grad_call(self.defense(mode, steps, naive=True)), x, paired=True)
                     row["naive"] = naive["timing"].to_dict()
-                    row["speedup_vs_naive"] = tn / t
-                    if memory_naive is not None:
-                        row["naive_peak_mb"] = memory_naive
+                    row["naive"]["x_static"] = naive["timing"].paired_ratio()
+                    row["speedup_vs_naive"] = row["naive"]["x_static"] / ratio
+                    row["naive_peak_mb"] = memory_naive
                     if b.output_check:
                         row.update(compare(fast["output"], naive["output"], self.labels, batch))
-                    text += f"; naive {tn:.3f} s (dent {tn / t:.2f} x faster)"
+                    text += f"; naive {naive['timing'].median:.3f} s (dent {row['speedup_vs_naive']:.2f} x faster)"
                 rows.append(row)
                 self.note(text)
         return rows
@@ -360,21 +361,30 @@ def format_table(result: dict[str, Any]) -> str:
         f"torch {env['versions'].get('torch')}, {env['date']}, median {settings['clock']} time of {settings['repeats']} "
         f"(after {settings['warmup']} warm-up), load average {result.get('load_before')} -> "
         f"{result.get('load_after')}, {result.get('seconds', 0):.0f} s in all",
+        f"settings: defenses {settings['modes']}, K {settings['steps']}, batch sizes {settings['batch_sizes']}, "
+        f"naive reference for {settings['naive_modes'] if settings['naive_modes'] is not None else 'all'} at K "
+        f"{settings['naive_steps'] or settings['steps']}, data {settings['data']}"
+        + (", channels-last" if settings["channels_last"] else "")
+        + (f", torch.compile {settings['compile']}" if settings["compile"] != "none" else ""),
         "",
-        "| batch | defense | K | median s | x static | x floor | peak MB | naive s | speed-up | max abs diff |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| batch | defense | K | median s | x static | x floor | peak MB | naive s | naive MB | speed-up "
+        "| max abs diff | agree |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         naive = r.get("naive", {})
         lines.append(
             f"| {r['batch']} | {r['mode']} | {r['steps'] or ''} | {r['median_s']:.3f} | {r['x_static']:.2f} | "
             f"{r['x_floor']:.3f} | {_fmt(r.get('peak_mb'), '.0f')} | {_fmt(naive.get('median_s'), '.3f')} | "
-            f"{_fmt(r.get('speedup_vs_naive'), '.2f')} | {_fmt(r.get('max_abs_diff'), '.1e')} |"
+            f"{_fmt(r.get('naive_peak_mb'), '.0f')} | {_fmt(r.get('speedup_vs_naive'), '.2f')} | "
+            f"{_fmt(r.get('max_abs_diff'), '.1e')} | {_fmt(r.get('argmax_agreement'), '.0%')} |"
         )
     lines.append("")
-    lines.append("x static: time / static forward; x floor: time / ((2K + 1) static forwards); "
-                 "fwd+bwd: one forward + input backward with frozen weights (the floor assumes 2 x static); "
-                 "peak MB: tensors allocated by one K = 1 call; speed-up: naive reference time / dent time.")
+    lines.append("x static: time / static forward (median of per-repeat ratios, each repeat right after a static "
+                 "forward); x floor: x static / (2K + 1); fwd+bwd: one forward + input backward with frozen weights "
+                 "(the floor assumes 2 x static); peak MB: tensors allocated by one K = 1 call; speed-up: naive "
+                 "reference's x static / dent's; max abs diff, agree: dent's logits vs the naive reference's "
+                 "(largest difference, same top-1 class).")
     if result.get("summary"):
         lines.append("")
         lines += [f"- {key}: {value:.3f}" for key, value in result["summary"].items()]

@@ -25,11 +25,13 @@ class Timing:
 
     ``median`` is what tables report, of the wall clock or, with ``clock="cpu"``, of the CPU time: on a
     loaded machine with one torch thread, CPU time leaves out the time spent waiting for a core.
+    ``paired``: the timings of a reference call made just before each repeat (see :func:`time_calls`).
     """
 
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
     clock: str = "wall"
+    paired: "Timing | None" = None
 
     @property
     def seconds(self) -> list[float]:
@@ -39,24 +41,41 @@ class Timing:
     def median(self) -> float:
         return statistics.median(self.seconds)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"median_s": self.median, "min_s": min(self.seconds), "max_s": max(self.seconds),
-                "clock": self.clock, "wall_s": self.wall, "cpu_s": self.cpu}
+    def paired_ratio(self) -> float:
+        """Median over repeats of this call's time over the paired reference's (drift-robust)."""
+        assert self.paired is not None
+        return statistics.median(t / r for t, r in zip(self.seconds, self.paired.seconds))
 
-
-def time_calls(call: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 0,
-               clock: str = "wall") -> Timing:
-    """Run ``call`` ``warmup`` times untimed, then ``repeats`` times timed (the device synchronized around each)."""
-    for _ in range(warmup):
-        call()
-    synchronize(device)
-    timing = Timing(clock=clock)
-    for _ in range(repeats):
+    def record(self, call: Callable[[], Any], device: torch.device) -> None:
         start, start_cpu = time.perf_counter(), time.process_time()
         call()
         synchronize(device)
-        timing.wall.append(time.perf_counter() - start)
-        timing.cpu.append(time.process_time() - start_cpu)
+        self.wall.append(time.perf_counter() - start)
+        self.cpu.append(time.process_time() - start_cpu)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"median_s": self.median, "min_s": min(self.seconds), "max_s": max(self.seconds),
+               "clock": self.clock, "wall_s": self.wall, "cpu_s": self.cpu}
+        if self.paired is not None:
+            out["paired_median_s"] = self.paired.median
+        return out
+
+
+def time_calls(call: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 0,
+               clock: str = "wall", paired: Callable[[], Any] | None = None) -> Timing:
+    """Run ``call`` ``warmup`` times untimed, then ``repeats`` times timed (the device synchronized around each).
+
+    ``paired``: a reference call (the static forward) timed right before each repeat, so that ratios to it
+    compare calls made under the same conditions (machine load drifts over a long benchmark).
+    """
+    for _ in range(warmup):
+        call()
+    synchronize(device)
+    timing = Timing(clock=clock, paired=None if paired is None else Timing(clock=clock))
+    for _ in range(repeats):
+        if paired is not None:
+            timing.paired.record(paired, device)
+        timing.record(call, device)
     return timing
 
 

@@ -46,7 +46,9 @@ class AdaptiveBatchNorm(nn.Module):
         versions = (mean._version, var._version)  # any in-place update of the buffers bumps these
         cached = self._repeats
         if cached is None or cached[0] != n or cached[1] is not mean or cached[2] is not var or cached[3] != versions:
-            cached = self._repeats = (n, mean, var, versions, mean.detach().repeat(n), var.detach().repeat(n))
+            cached = (n, mean, var, versions, mean.detach().repeat(n), var.detach().repeat(n))
+            if not torch.is_inference_mode_enabled():  # inference tensors could not be used with autograd later
+                self._repeats = cached
         return cached[4], cached[5]
 
     def forward(self, x: Tensor) -> Tensor:

@@ -65,6 +65,8 @@ class DentConfig(Section):
     # without native bf16 it is far slower (measured: docs/performance.md). Check accuracy with `dent bench`.
     autocast: Literal["none", "bfloat16"] = "none"
 
+    omitted_at_default = frozenset({"autocast"})  # keeps the hashes and unit keys of earlier runs
+
     @field_validator("objective")
     @classmethod
     def _known_objective(cls, value: str) -> str:

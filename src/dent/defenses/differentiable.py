@@ -28,7 +28,14 @@ model). Two remedies, recorded by :meth:`DifferentiableDent.describe`:
   run detached (their result is a constant of the attack gradient). ``T = 0`` is Dent's own gradient.
 * ``checkpoint=True``: each differentiated step is recomputed during the backward pass
   (:func:`torch.utils.checkpoint.checkpoint`, non-reentrant) instead of keeping its graph; the gradient is
-  unchanged, memory is about one step's graph plus the small per-step parameters, time about 1.5x.
+  unchanged, memory is about one step's graph plus the small per-step parameters, time about 1.5-1.8x.
+
+Measured on CPU (1 thread; best of 2-3; one APGD iteration = one such query), ResNet-26 width 1, batch 16,
+32x32: K=10 steps, gradient of the final prediction only (Dent) 1.3 s / +140 MB peak; through all 10 steps
+3.8 s / +900 MB; checkpointed 6.7 s / +340 MB; last 2 steps only 1.8 s / +290 MB.
+
+The blur (Sigma) uses a kernel of 2*ceil(3 sigma)+1 taps, a step function of sigma: where an update moves
+sigma across such a step, the defense is discontinuous in its input and the gradient is the one-sided one.
 """
 
 from __future__ import annotations
@@ -163,8 +170,6 @@ class DifferentiableDent(nn.Module):
         self.dent = dent
         self.horizon = horizon
         self.checkpoint = checkpoint
-        self._rule: FunctionalRule | None = None
-        self._groups: list[dict[str, Any]] = []
 
     # what is differentiated, for result records
     @property

@@ -58,4 +58,5 @@ NON_RESULT_KEYS = (
     "evaluation.progress",
     "evaluation.report",
     "bench",  # dent bench's settings (dent.benchmark): timings only
+    "train",  # dent train's settings (dent.training): not read by an evaluation
 )

@@ -207,8 +207,9 @@ def _curve_key(point: Mapping[str, Any], drop: tuple[str, ...]) -> str:
 def sanity_checks(summary: Summary) -> list[CurveCheck]:
     """Check every epsilon sweep and iteration sweep found in the summary (worst-case accuracy per point)."""
     checks = []
+    several_sizes = len({r.batch_size for r in summary.rows}) > 1
     for row in summary.rows:
-        name = f"{row.model} / {row.defense}" + (f" / bs {row.batch_size}" if len({r.batch_size for r in summary.rows}) > 1 else "")
+        name = f"{row.model} / {row.defense}" + (f" / bs {row.batch_size}" if several_sizes else "")
         eps_curves: dict[str, list[tuple[float, Cell, dict]]] = {}
         iter_curves: dict[str, list[tuple[float, Cell, dict]]] = {}
         for pr in row.attacks.values():
@@ -225,7 +226,10 @@ def sanity_checks(summary: Summary) -> list[CurveCheck]:
                 n = min(c.n for _, c, _ in entries)
                 ok, message = check(values, n=n)
                 p = entries[0][2]
-                what = attack_description(p) if kind == "epsilon" else f"{attack_description({**p, 'n_iter': None})}, {threat_of(p)}"
+                if kind == "epsilon":
+                    what = attack_description(p)
+                else:
+                    what = f"{attack_description({**p, 'n_iter': None})}, {threat_of(p)}"
                 checks.append(CurveCheck(row=name, attack=what, kind=kind, values=values, ok=ok, message=message))
     return checks
 
