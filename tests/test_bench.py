@@ -86,13 +86,15 @@ def test_bfloat16_autocast_adapts_close_to_full_precision():
 def test_timing_and_peak_memory_helpers():
     timing = time_calls(lambda: None, torch.device("cpu"), repeats=3, warmup=1)
     assert len(timing.seconds) == 3 and timing.median >= 0
-    peak, how = peak_memory(lambda: torch.empty(1024, 256).add_(1).sum(), torch.device("cpu"))
-    assert peak >= 1024 * 256 * 4 and "tensor" in how
+    weight = torch.ones(1024, 256)
+    peak, how, ops = peak_memory(lambda: torch.empty(1024, 256).add_(1).sum() + weight.t().sum(), torch.device("cpu"))
+    assert 1024 * 256 * 4 <= peak < 2 * 1024 * 256 * 4 and "tensor" in how  # the weight's view is not counted
+    assert ops == 4  # add_, sum, sum, add: not empty, not the view t()
 
 
 TINY_BENCH = [
     "bench.batch_sizes=[4]", "bench.steps=[1]", "bench.repeats=1", "bench.warmup=0", "bench.image_size=8",
-    "bench.attack_steps=[1]", "bench.attack_batch_size=2", "bench.threads=1",
+    "bench.attack_steps=[1]", "bench.attack_batch_size=2", "bench.threads=1", "bench.naive_steps=null",
 ]
 
 
@@ -106,6 +108,7 @@ def test_bench_reports_every_configuration():
         row = rows[(mode, 1)]
         assert row["median_s"] > 0 and row["x_floor"] == pytest.approx(row["x_static"] / 3)
         assert row["speedup_vs_naive"] > 0 and row["max_abs_diff"] < 1e-3 and row["peak_mb"] > 0
+        assert 0 < row["ops"] < row["naive_ops"]
     assert {r["gradient"] for r in result["attack"]} >= {"through adaptation", "through adaptation, checkpointed"}
     assert "dent K=1" in result["profiles"]
     table = format_table(result)
@@ -131,3 +134,12 @@ def test_shipped_gpu_bench_config_is_valid():
     cfg = load_config(Path(__file__).resolve().parents[1] / "cfgs" / "bench_gpu.yaml")
     assert cfg.bench.defenses["dent_bf16"].autocast == "bfloat16" and 6 in cfg.bench.steps
     assert cfg.bench.naive_for("dent+_bf16", 6) and not cfg.bench.naive_for("dent", 10)
+
+
+def test_cpu_allocator_tuning_reports_what_it_did(monkeypatch):
+    from dent import runtime
+
+    monkeypatch.setenv("DENT_CPU_ALLOCATOR", "default")
+    assert runtime.tune_cpu_allocator() is False
+    monkeypatch.delenv("DENT_CPU_ALLOCATOR")
+    assert isinstance(runtime.tune_cpu_allocator(), bool)  # True on Linux/glibc, False elsewhere

@@ -36,6 +36,7 @@ from dent.benchmark.timing import peak_memory, profile_breakdown, time_calls
 from dent.defenses import Dent, DentConfig
 from dent.models import ARCHITECTURES, PRETRAINED, build_model, load_model
 from dent.provenance import library_versions, machine_description
+from dent import runtime
 from dent.runtime import resolve_device
 
 MB = 2**20
@@ -73,6 +74,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "cpu_allocator": "glibc, freed memory kept (dent.runtime.tune_cpu_allocator)"
+        if runtime.CPU_ALLOCATOR_TUNED else "default",
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
@@ -222,56 +225,57 @@ class Bench:
         timing = time_calls(run, self.device, repeats or self.b.repeats, warmup, clock=clock, paired=static)
         return {"timing": timing, "output": last.get("output")}
 
-    def warm_up(self, call: Callable[[], Any]) -> float | None:
-        """``bench.warmup`` untimed calls (at least one with ``bench.memory``), the first one under the memory
-        tracker when ``bench.memory``: its peak in MB (None without)."""
-        peak = None
+    def warm_up(self, call: Callable[[], Any]) -> dict[str, Any]:
+        """``bench.warmup`` untimed calls, then (``bench.memory``) one more under the memory tracker: its peak
+        MB and operator count in a warm state (``{}`` without)."""
         # The CPU memory tracker is a dispatch mode, which compiled code would not run under as compiled.
         memory = self.b.memory and (self.b.compile == "none" or self.device.type == "cuda")
-        if self.b.compile != "none":
-            call()  # compiles: not part of any measurement
-        for i in range(max(self.b.warmup, int(memory))):
-            if i == 0 and memory:
-                peak = peak_memory(call, self.device)[0] / MB
-            else:
-                call()
-        return peak
+        for _ in range(max(self.b.warmup, int(self.b.compile != "none"))):  # compiling is never measured
+            call()
+        if not memory:
+            return {}
+        peak, _, ops = peak_memory(call, self.device)
+        return {"peak_mb": peak / MB, "ops": ops}
 
     def time_batch(self, x: Tensor) -> list[dict[str, Any]]:
         b, batch = self.b, len(x)
         rows = []
-        peak = self.warm_up(lambda: static_forward(self.model)(x))
+        found = self.warm_up(lambda: static_forward(self.model)(x))
         static = self.measure(static_forward(self.model), x, repeats=2 * b.repeats + 1)["timing"]
         unit = static.median
         rows.append({"batch": batch, "mode": "static", "steps": 0, **static.to_dict(), "x_static": 1.0,
-                     "x_floor": 1.0, "peak_mb": peak})
+                     "x_floor": 1.0, **found})
         self.note(f"batch {batch}: static forward {unit:.3f} s")
         # Every other row is timed in pairs with a static forward right before each repeat, and its ratios
         # are medians of the per-pair ratios: robust to the load drifting during a long run.
-        peak = self.warm_up(lambda: forward_backward(self.model)(x))
+        found = self.warm_up(lambda: forward_backward(self.model)(x))
         fb = self.measure(forward_backward(self.model), x, paired=True)["timing"]
         ratio = fb.paired_ratio()
         rows.append({"batch": batch, "mode": "fwd+bwd", "steps": 0, **fb.to_dict(), "x_static": ratio,
-                     "x_floor": ratio / 2, "peak_mb": peak})
+                     "x_floor": ratio / 2, **found})
         self.note(f"batch {batch}: forward + input backward {fb.median:.3f} s = {ratio:.2f} x static")
         for mode in b.modes:
             naive_ks = [k for k in b.steps if b.naive_for(mode, k)]
-            memory = self.warm_up(lambda: no_grad_call(self.defense(mode, 1))(x))
-            memory_naive = None
+            warm = no_grad_call(self.defense(mode, 1))
+            found = self.warm_up(lambda: warm(x))
+            found_naive = {}
             if naive_ks:
-                memory_naive = self.warm_up(lambda: no_grad_call(self.defense(mode, 1, naive=True))(x))
+                warm_naive = no_grad_call(self.defense(mode, 1, naive=True))
+                found_naive = self.warm_up(lambda: warm_naive(x))
             for steps in b.steps:
                 fast = self.measure(no_grad_call(self.defense(mode, steps)), x, paired=True)
                 t, ratio = fast["timing"].median, fast["timing"].paired_ratio()
                 row = {"batch": batch, "mode": mode, "steps": steps, **fast["timing"].to_dict(),
-                       "x_static": ratio, "x_floor": ratio / (2 * steps + 1), "peak_mb": memory}
+                       "x_static": ratio, "x_floor": ratio / (2 * steps + 1), "peak_mb": found.get("peak_mb"),
+                       "ops": found.get("ops")}
                 text = f"batch {batch}: {mode} K={steps} {t:.3f} s = {ratio:.2f} x static, {row['x_floor']:.3f} x floor"
                 if steps in naive_ks:
                     naive = self.measure(no_grad_call(self.defense(mode, steps, naive=True)), x, paired=True)
                     row["naive"] = naive["timing"].to_dict()
                     row["naive"]["x_static"] = naive["timing"].paired_ratio()
                     row["speedup_vs_naive"] = row["naive"]["x_static"] / ratio
-                    row["naive_peak_mb"] = memory_naive
+                    row["naive_peak_mb"] = found_naive.get("peak_mb")
+                    row["naive_ops"] = found_naive.get("ops")
                     if b.output_check:
                         row.update(compare(fast["output"], naive["output"], self.labels, batch))
                     text += f"; naive {naive['timing'].median:.3f} s (dent {row['speedup_vs_naive']:.2f} x faster)"
@@ -307,10 +311,10 @@ class Bench:
                 }
                 for name, defense in variants.items():
                     call = attack_gradient(defense, labels)
-                    peak = self.warm_up(lambda: call(x))
+                    found = self.warm_up(lambda: call(x))
                     timing = self.measure(call, x)["timing"]
                     row = {"batch": len(x), "mode": mode, "steps": steps, "gradient": name, **timing.to_dict(),
-                           "peak_mb": peak}
+                           **found}
                     rows.append(row)
                     self.note(f"attack gradient, {mode} K={steps}, {name}: {timing.median:.3f} s"
                               + (f", peak {row['peak_mb']:.0f} MB" if "peak_mb" in row else ""))
@@ -357,7 +361,7 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"dent bench: {result['model']}, {env['device']}"
         + (f" ({env['gpu']})" if "gpu" in env else f" ({env['machine'].get('processor')}, "
-           f"{env['torch_threads']} threads)"),
+           f"{env['torch_threads']} threads, CPU allocator: {env.get('cpu_allocator', 'default')})"),
         f"torch {env['versions'].get('torch')}, {env['date']}, median {settings['clock']} time of {settings['repeats']} "
         f"(after {settings['warmup']} warm-up), load average {result.get('load_before')} -> "
         f"{result.get('load_after')}, {result.get('seconds', 0):.0f} s in all",
@@ -367,22 +371,24 @@ def format_table(result: dict[str, Any]) -> str:
         + (", channels-last" if settings["channels_last"] else "")
         + (f", torch.compile {settings['compile']}" if settings["compile"] != "none" else ""),
         "",
-        "| batch | defense | K | median s | x static | x floor | peak MB | naive s | naive MB | speed-up "
-        "| max abs diff | agree |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| batch | defense | K | median s | x static | x floor | peak MB | ops K=1 | naive s | naive MB | naive ops "
+        "| speed-up | max abs diff | agree |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         naive = r.get("naive", {})
         lines.append(
             f"| {r['batch']} | {r['mode']} | {r['steps'] or ''} | {r['median_s']:.3f} | {r['x_static']:.2f} | "
-            f"{r['x_floor']:.3f} | {_fmt(r.get('peak_mb'), '.0f')} | {_fmt(naive.get('median_s'), '.3f')} | "
-            f"{_fmt(r.get('naive_peak_mb'), '.0f')} | {_fmt(r.get('speedup_vs_naive'), '.2f')} | "
+            f"{r['x_floor']:.3f} | {_fmt(r.get('peak_mb'), '.0f')} | {_fmt(r.get('ops'), 'd')} | "
+            f"{_fmt(naive.get('median_s'), '.3f')} | {_fmt(r.get('naive_peak_mb'), '.0f')} | "
+            f"{_fmt(r.get('naive_ops'), 'd')} | {_fmt(r.get('speedup_vs_naive'), '.2f')} | "
             f"{_fmt(r.get('max_abs_diff'), '.1e')} | {_fmt(r.get('argmax_agreement'), '.0%')} |"
         )
     lines.append("")
     lines.append("x static: time / static forward (median of per-repeat ratios, each repeat right after a static "
                  "forward); x floor: x static / (2K + 1); fwd+bwd: one forward + input backward with frozen weights "
-                 "(the floor assumes 2 x static); peak MB: tensors allocated by one K = 1 call; speed-up: naive "
+                 "(the floor assumes 2 x static); peak MB, ops: tensors allocated by and operators (about the kernel "
+                 "launches on a GPU) run by one K = 1 call; speed-up: naive "
                  "reference's x static / dent's; max abs diff, agree: dent's logits vs the naive reference's "
                  "(largest difference, same top-1 class).")
     if result.get("summary"):
@@ -390,10 +396,11 @@ def format_table(result: dict[str, Any]) -> str:
         lines += [f"- {key}: {value:.3f}" for key, value in result["summary"].items()]
     attack = [r for r in result.get("attack", []) if "gradient" in r]
     if attack:
-        lines += ["", "| attack gradient | defense | K | batch | median s | peak MB |", "|---|---|---:|---:|---:|---:|"]
+        lines += ["", "| attack gradient | defense | K | batch | median s | peak MB | ops |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
         for r in attack:
             lines.append(f"| {r['gradient']} | {r['mode']} | {r['steps']} | {r['batch']} | {r['median_s']:.3f} | "
-                         f"{_fmt(r.get('peak_mb'), '.0f')} |")
+                         f"{_fmt(r.get('peak_mb'), '.0f')} | {_fmt(r.get('ops'), 'd')} |")
     elif result.get("attack"):
         lines += ["", f"attack through the adaptation: not timed ({result['attack'][0].get('missing')} missing)"]
     profiles = {k: v for k, v in result.get("profiles", {}).items() if k != "batch"}

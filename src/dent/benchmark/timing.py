@@ -79,22 +79,31 @@ def time_calls(call: Callable[[], Any], device: torch.device, repeats: int, warm
     return timing
 
 
-class _TensorBytes(TorchDispatchMode):
-    """Live bytes of the storages that operators create while active, and their peak.
+#: Operators that launch no kernel, besides views: allocation and bookkeeping (left out of the operator count).
+_NO_KERNEL = ("empty", "empty_strided", "_record_function_enter_new", "_record_function_exit", "lift_fresh")
 
-    Every operator output's storage is counted once, from its creation until it is freed (a weak
+
+class _TensorBytes(TorchDispatchMode):
+    """Live bytes of the storages that operators create while active, their peak, and the operator count.
+
+    Every new storage of an operator's output is counted once, from its creation until it is freed (a weak
     reference's finalizer), so the peak is that of the tensors a call allocates: activations, saved
-    tensors, gradients, optimizer state. Tensors that existed before (weights, the input) are not counted,
-    nor are a library's internal workspaces (e.g. oneDNN scratch memory) or the allocator's caching.
+    tensors, gradients, optimizer state. Tensors that existed before (weights, the input) and outputs that
+    alias an input (views, in-place results) are not counted, nor are a library's internal workspaces
+    (e.g. oneDNN scratch memory) or the allocator's caching.
+
+    ``ops`` counts the operators that compute something (not views, allocations or bookkeeping): on a GPU,
+    about the number of kernel launches, which is what per-call overhead scales with.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.live = 0
         self.peak = 0
+        self.ops = 0
         self._sizes: dict[int, int] = {}
 
-    def _count(self, tensor: Any) -> None:
+    def _count(self, tensor: Any, inputs: set[int]) -> None:
         if not isinstance(tensor, torch.Tensor) or tensor.is_meta:
             return
         try:
@@ -102,7 +111,7 @@ class _TensorBytes(TorchDispatchMode):
         except (NotImplementedError, RuntimeError):  # e.g. sparse or wrapper tensors
             return
         key, size = storage.data_ptr(), storage.nbytes()
-        if size == 0 or key in self._sizes:
+        if size == 0 or key in self._sizes or key in inputs:
             return
         self._sizes[key] = size
         self.live += size
@@ -114,31 +123,39 @@ class _TensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if func.is_view:
+            return out
+        if func.overloadpacket.__name__ not in _NO_KERNEL:
+            self.ops += 1
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor) and not t.is_meta}
         for tensor in tree_flatten(out)[0]:
-            self._count(tensor)
+            self._count(tensor, inputs)
         return out
 
 
-def peak_memory(call: Callable[[], Any], device: torch.device) -> tuple[int, str]:
-    """Peak bytes that one ``call`` allocates above what was allocated before it, and how it was measured.
+def peak_memory(call: Callable[[], Any], device: torch.device) -> tuple[int, str, int]:
+    """Peak bytes that one ``call`` allocates above what was allocated before it, how that was measured, and
+    the number of operators it ran (see :class:`_TensorBytes`).
 
     CUDA: the caching allocator's peak of allocated bytes (``torch.cuda.max_memory_allocated``). Other
-    devices: the peak of live tensor storages created during the call (:class:`_TensorBytes`), which runs
-    the call through a Python dispatch mode: slower, so never combined with timing.
+    devices: the peak of live tensor storages created during the call (:class:`_TensorBytes`). The call runs
+    through a Python dispatch mode either way: slower, so never combined with timing.
     """
     if device.type == "cuda":
         synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        result = call()
+        with _TensorBytes() as tracker:
+            result = call()
         synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - before
         del result
-        return peak, "cuda allocator peak"
+        return peak, "cuda allocator peak", tracker.ops
     with _TensorBytes() as tracker:
         result = call()
         del result
-    return tracker.peak, "tensor storages (dispatch mode)"
+    return tracker.peak, "tensor storages (dispatch mode)", tracker.ops
 
 
 #: Profiler operator name fragments -> category of the breakdown (first match wins; order matters).

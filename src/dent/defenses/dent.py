@@ -29,12 +29,13 @@ Affine = list[tuple[Tensor, Tensor]]
 class _Adaptation:
     """What dent adapts for one kind of batch: affine values of the adapted BatchNorms, the blur width, their optimizer.
 
-    The affine values live in flat leaf tensors (``flats``: one per dtype and device among the adapted
-    norms, usually one), of shape [P] or, per input, [B, P], each laid out as the weight then the bias of
-    each of its norms in turn (``sizes``). A forward splits them into per-norm views: one autograd node per
-    flat tensor, whose backward concatenates the per-norm gradients into the flat gradient. So restarting,
-    snapshotting and each optimizer step touch a few tensors instead of two per BatchNorm (fewer kernel
-    launches and less Python per step; optimizers act element-wise, so the updates are the same).
+    The affine values live in flat 1-D leaf tensors (``flats``: one per dtype and device among the adapted
+    norms, usually one), laid out as the weight then the bias of each of its norms in turn (``sizes``): C
+    values each, or, per input, a contiguous block of B*C (input-major, viewed as [B, C]). A forward splits
+    them into per-norm views: one autograd node per flat tensor, whose backward concatenates the per-norm
+    gradients into the flat gradient. So restarting, snapshotting and each optimizer step touch a few tensors
+    instead of two per BatchNorm (fewer kernel launches and less Python per step; optimizers act
+    element-wise, so the updates are the same), and no per-input view needs a copy to be flattened.
 
     ``key`` is what the tensors were built for (batch size when they are per input, device, dtype).
     """
@@ -45,6 +46,8 @@ class _Adaptation:
     raw_sigma: Tensor | None  # sigma = softplus(raw_sigma), which keeps the width positive
     optimizer: Optimizer | None  # None when there is nothing to learn
     key: tuple
+    batch: int | None = None  # per-input affine values: the batch size B
+    sources: list[Tensor | None] | None = None  # per flat tensor, per input: where each value starts from
 
     @property
     def affine(self) -> Affine:
@@ -54,7 +57,9 @@ class _Adaptation:
     def _pairs(self, flats: list[Tensor]) -> Affine:
         pairs = []
         for flat, sizes in zip(flats, self.sizes):
-            pieces = flat.split(sizes, dim=-1)
+            pieces = flat.split(sizes)
+            if self.batch is not None:
+                pieces = [piece.view(self.batch, -1) for piece in pieces]
             pairs.append(list(zip(pieces[0::2], pieces[1::2])))
         return [pairs[i][j] for i, j in self.layout]
 
@@ -216,16 +221,22 @@ class Dent(nn.Module):
         cfg = self.config
         flats, sizes, layout = [], [], []
         where: dict[tuple, int] = {}  # (dtype, device) -> index in flats
+        batch = len(x) if cfg.affine is AffineMode.SAMPLE else None
         for norm in self._adapted_norms:
             i = where.setdefault((norm.weight.dtype, norm.weight.device), len(where))
             if i == len(sizes):
                 sizes.append([])
             layout.append((i, len(sizes[i]) // 2))
-            sizes[i] += [norm.num_features, norm.num_features]
+            sizes[i] += [norm.num_features * (batch or 1)] * 2
+        sources = []  # per input: index of each flat value in the concatenated initial values (see _restart)
         for (dtype, device), i in where.items():
-            width = sum(sizes[i])
-            shape = (len(x), width) if cfg.affine is AffineMode.SAMPLE else (width,)
-            flats.append(torch.empty(shape, dtype=dtype, device=device, requires_grad=True))
+            flats.append(torch.empty(sum(sizes[i]), dtype=dtype, device=device, requires_grad=True))
+            if batch is not None:  # piece of C values starting at `start` -> B copies of them, input-major
+                index, start = [], 0
+                for size in sizes[i]:
+                    index.append(torch.arange(start, start + size // batch, device=device).repeat(batch))
+                    start += size // batch
+                sources.append(torch.cat(index))
         raw_sigma = None
         if cfg.input is not InputMode.NONE:
             shape = (len(x),) if cfg.input is InputMode.SAMPLE else (1,)
@@ -244,7 +255,7 @@ class Dent(nn.Module):
         if self._learns_sigma:
             groups.append({"params": [raw_sigma], "lr": cfg.sigma_lr})
         optimizer = self.make_optimizer(groups, cfg) if groups else None
-        state = _Adaptation(flats, sizes, layout, raw_sigma, optimizer, key)
+        state = _Adaptation(flats, sizes, layout, raw_sigma, optimizer, key, batch, sources or None)
         self._restart(state)
         return state
 
@@ -254,8 +265,9 @@ class Dent(nn.Module):
             initial: list[list[Tensor]] = [[] for _ in state.flats]
             for norm, (i, _) in zip(self._adapted_norms, state.layout):
                 initial[i] += [norm.weight, norm.bias]
-            for flat, values in zip(state.flats, initial):
-                flat.copy_(torch.cat(values))  # broadcasts [P] -> [B, P] for per-input values
+            for i, (flat, values) in enumerate(zip(state.flats, initial)):
+                values = torch.cat(values)
+                flat.copy_(values if state.sources is None else values[state.sources[i]])  # [C] -> [B, C] blocks
             if state.raw_sigma is not None:
                 state.raw_sigma.fill_(self._raw_sigma_init)
         if state.optimizer is not None:
