@@ -199,6 +199,13 @@ class Bench:
         }
         self.note(f"model {self.model_note} on {self.device}, {torch.get_num_threads()} threads, "
                   f"load {result['load_before']}")
+        load = result["load_before"]
+        if self.device.type == "cpu" and load and load[0] >= 0.5 and torch.get_num_threads() >= (os.cpu_count() or 1):
+            result["warning"] = (
+                f"the machine is busy (load {load[0]}) and torch uses all {torch.get_num_threads()} cores: timings "
+                "will be slow and noisy (threads wait for each other); bench.threads=1 bench.clock=cpu is steadier"
+            )
+            self.note("warning: " + result["warning"])
         for batch in b.batch_sizes:
             x = self.images[:batch]
             result["rows"] += self.time_batch(x)
@@ -238,22 +245,17 @@ class Bench:
         return {"peak_mb": peak / MB, "ops": ops}
 
     def time_batch(self, x: Tensor) -> list[dict[str, Any]]:
+        """The rows of one batch size; their ratios are computed by :func:`derive_ratios`."""
         b, batch = self.b, len(x)
-        rows = []
+        rows: list[dict[str, Any]] = []
         found = self.warm_up(lambda: static_forward(self.model)(x))
         static = self.measure(static_forward(self.model), x, repeats=2 * b.repeats + 1)["timing"]
-        unit = static.median
-        rows.append({"batch": batch, "mode": "static", "steps": 0, **static.to_dict(), "x_static": 1.0,
-                     "x_floor": 1.0, **found})
-        self.note(f"batch {batch}: static forward {unit:.3f} s")
-        # Every other row is timed in pairs with a static forward right before each repeat, and its ratios
-        # are medians of the per-pair ratios: robust to the load drifting during a long run.
+        rows.append({"batch": batch, "mode": "static", "steps": 0, "passes": 1, **static.to_dict(), **found})
+        self.note(f"batch {batch}: static forward {static.median:.3f} s (fastest {min(static.seconds):.3f} s)")
         found = self.warm_up(lambda: forward_backward(self.model)(x))
         fb = self.measure(forward_backward(self.model), x, paired=True)["timing"]
-        ratio = fb.paired_ratio()
-        rows.append({"batch": batch, "mode": "fwd+bwd", "steps": 0, **fb.to_dict(), "x_static": ratio,
-                     "x_floor": ratio / 2, **found})
-        self.note(f"batch {batch}: forward + input backward {fb.median:.3f} s = {ratio:.2f} x static")
+        rows.append({"batch": batch, "mode": "fwd+bwd", "steps": 0, "passes": 2, **fb.to_dict(), **found})
+        self.note(f"batch {batch}: forward + input backward {fb.median:.3f} s = {paired_min_ratio(rows[-1]):.2f} x static")
         for mode in b.modes:
             naive_ks = [k for k in b.steps if b.naive_for(mode, k)]
             warm = no_grad_call(self.defense(mode, 1))
@@ -264,24 +266,23 @@ class Bench:
                 found_naive = self.warm_up(lambda: warm_naive(x))
             for steps in b.steps:
                 fast = self.measure(no_grad_call(self.defense(mode, steps)), x, paired=True)
-                t, ratio = fast["timing"].median, fast["timing"].paired_ratio()
-                row = {"batch": batch, "mode": mode, "steps": steps, **fast["timing"].to_dict(),
-                       "x_static": ratio, "x_floor": ratio / (2 * steps + 1), "peak_mb": found.get("peak_mb"),
-                       "ops": found.get("ops")}
-                text = f"batch {batch}: {mode} K={steps} {t:.3f} s = {ratio:.2f} x static, {row['x_floor']:.3f} x floor"
+                row = {"batch": batch, "mode": mode, "steps": steps, "passes": 2 * steps + 1,
+                       **fast["timing"].to_dict(), "peak_mb": found.get("peak_mb"), "ops": found.get("ops")}
+                ratio = paired_min_ratio(row)
+                text = (f"batch {batch}: {mode} K={steps} {row['median_s']:.3f} s = {ratio:.2f} x static, "
+                        f"{ratio / (2 * steps + 1):.3f} x floor")
                 if steps in naive_ks:
                     naive = self.measure(no_grad_call(self.defense(mode, steps, naive=True)), x, paired=True)
                     row["naive"] = naive["timing"].to_dict()
-                    row["naive"]["x_static"] = naive["timing"].paired_ratio()
-                    row["speedup_vs_naive"] = row["naive"]["x_static"] / ratio
                     row["naive_peak_mb"] = found_naive.get("peak_mb")
                     row["naive_ops"] = found_naive.get("ops")
                     if b.output_check:
                         row.update(compare(fast["output"], naive["output"], self.labels, batch))
-                    text += f"; naive {naive['timing'].median:.3f} s (dent {row['speedup_vs_naive']:.2f} x faster)"
+                    text += (f"; naive {row['naive']['median_s']:.3f} s (dent "
+                             f"{paired_min_ratio(row['naive']) / ratio:.2f} x faster)")
                 rows.append(row)
                 self.note(text)
-        return rows
+        return derive_ratios(rows)
 
     def profiles(self, x: Tensor) -> dict[str, Any]:
         out = {"batch": len(x)}
@@ -321,6 +322,30 @@ class Bench:
         return rows
 
 
+def paired_min_ratio(timing: dict[str, Any]) -> float:
+    """A timed call's fastest repeat over the fastest of the static forwards timed right before its repeats.
+
+    Both minima are over the same number of samples taken in alternation, so neither side is favoured by
+    having more chances of a quiet moment, and load drifting during a long run affects both alike
+    (timeit's rule: on a shared machine interference only ever adds time, so minima are the estimate).
+    """
+    if "paired_s" not in timing:  # the static forward itself
+        return 1.0
+    return min(timing["wall_s"] if timing["clock"] == "wall" else timing["cpu_s"]) / min(timing["paired_s"])
+
+
+def derive_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``x_static``, ``x_floor`` (x_static over the row's ``passes``: 2K + 1 forwards) and, beside a naive
+    reference, ``speedup_vs_naive`` (its x_static over dent's), all from :func:`paired_min_ratio`."""
+    for row in rows:
+        row["x_static"] = paired_min_ratio(row)
+        row["x_floor"] = row["x_static"] / row["passes"]
+        if "naive" in row:
+            row["naive"]["x_static"] = paired_min_ratio(row["naive"])
+            row["speedup_vs_naive"] = row["naive"]["x_static"] / row["x_static"]
+    return rows
+
+
 def compare(fast: Tensor, naive: Tensor, labels: Tensor | None, batch: int) -> dict[str, Any]:
     """How far dent's outputs are from the naive reference's (same input, same K)."""
     fast, naive = fast.float(), naive.float()
@@ -343,7 +368,9 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if mode == "fwd+bwd":
             summary[f"batch {batch}: fwd+bwd / static"] = row["x_static"]
         if mode == "dent+" and (batch, "dent", steps) in by_key:
-            summary[f"batch {batch} K={steps}: dent+ / dent"] = row["median_s"] / by_key[(batch, "dent", steps)]["median_s"]
+            summary[f"batch {batch} K={steps}: dent+ / dent"] = row["min_s"] / by_key[(batch, "dent", steps)]["min_s"]
+        if "speedup_vs_naive" in row:
+            summary[f"batch {batch} K={steps}: {mode} speed-up over the naive reference"] = row["speedup_vs_naive"]
     return summary
 
 
@@ -370,6 +397,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"{settings['naive_steps'] or settings['steps']}, data {settings['data']}"
         + (", channels-last" if settings["channels_last"] else "")
         + (f", torch.compile {settings['compile']}" if settings["compile"] != "none" else ""),
+        *([f"WARNING: {result['warning']}"] if result.get("warning") else []),
         "",
         "| batch | defense | K | median s | x static | x floor | peak MB | ops K=1 | naive s | naive MB | naive ops "
         "| speed-up | max abs diff | agree |",
@@ -385,8 +413,9 @@ def format_table(result: dict[str, Any]) -> str:
             f"{_fmt(r.get('max_abs_diff'), '.1e')} | {_fmt(r.get('argmax_agreement'), '.0%')} |"
         )
     lines.append("")
-    lines.append("x static: time / static forward (median of per-repeat ratios, each repeat right after a static "
-                 "forward); x floor: x static / (2K + 1); fwd+bwd: one forward + input backward with frozen weights "
+    lines.append("median s: median time of the repeats; x static: fastest repeat / fastest of the static forwards "
+                 "timed right before each repeat; x floor: x static / (2K + 1); fwd+bwd: one forward + input backward "
+                 "with frozen weights "
                  "(the floor assumes 2 x static); peak MB, ops: tensors allocated by and operators (about the kernel "
                  "launches on a GPU) run by one K = 1 call; speed-up: naive "
                  "reference's x static / dent's; max abs diff, agree: dent's logits vs the naive reference's "

@@ -41,11 +41,6 @@ class Timing:
     def median(self) -> float:
         return statistics.median(self.seconds)
 
-    def paired_ratio(self) -> float:
-        """Median over repeats of this call's time over the paired reference's (drift-robust)."""
-        assert self.paired is not None
-        return statistics.median(t / r for t, r in zip(self.seconds, self.paired.seconds))
-
     def record(self, call: Callable[[], Any], device: torch.device) -> None:
         start, start_cpu = time.perf_counter(), time.process_time()
         call()
@@ -58,6 +53,7 @@ class Timing:
                "clock": self.clock, "wall_s": self.wall, "cpu_s": self.cpu}
         if self.paired is not None:
             out["paired_median_s"] = self.paired.median
+            out["paired_s"] = self.paired.seconds
         return out
 
 
