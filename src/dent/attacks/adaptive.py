@@ -107,17 +107,11 @@ def run_transfer(model: nn.Module, x: Tensor, y: Tensor, point: Any, *, device, 
     Labels ``SOURCE:LABEL`` with AutoAttack's labels (``ensemble`` and/or each attack, by ``attack.mode``).
     ``notes.source_robust`` holds the per-point result on the source itself (e.g. Table 5's static-static).
     """
-    from dent.attacks.autoattack import _collect_log, _reset_dynamic_check, build_autoattack
-    from dent.attacks.config import AttackMode
+    from dent.attacks.autoattack import _collect_log, _reset_dynamic_check, autoattack_runs, build_autoattack
 
     dent = _dent_of(model, "transfer")
     adaptive = _adaptive(point)
-    attacks = list(point.attacks)
-    runs: list[tuple[str, list[str]]] = []
-    if point.mode in (AttackMode.INDIVIDUAL, AttackMode.BOTH):
-        runs += [(name, [name]) for name in attacks]
-    if point.mode in (AttackMode.ENSEMBLE, AttackMode.BOTH):
-        runs.append(("ensemble", attacks))
+    runs = autoattack_runs(point)
     robust, pred, source_robust, sources, warnings = {}, {}, {}, {}, []
     for source in adaptive.source_list("transfer"):
         attacked, info = _source(dent, source, adaptive)

@@ -125,6 +125,18 @@ def _one_run(model, x, y, point, attacks, *, device, seed):
     return y_adv.eq(y.cpu()), y_adv, log
 
 
+def autoattack_runs(point: AttackPoint) -> list[tuple[str, list[str]]]:
+    """(label, attack list) of each AutoAttack run ``point.mode`` asks for: every attack alone (individual),
+    all of them cumulatively as ``ensemble``, or both."""
+    attacks = list(point.attacks)
+    runs: list[tuple[str, list[str]]] = []
+    if point.mode in (AttackMode.INDIVIDUAL, AttackMode.BOTH):
+        runs += [(name, [name]) for name in attacks]
+    if point.mode in (AttackMode.ENSEMBLE, AttackMode.BOTH):
+        runs.append(("ensemble", attacks))
+    return runs
+
+
 def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, point: AttackPoint, *,
                    device, seed: int, progress: bool = False):
     """The ``autoattack`` attack runner (see :mod:`dent.attacks.registry`).
@@ -135,12 +147,7 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, point: At
     """
     from dent.attacks.registry import AttackOutcome
 
-    attacks = list(point.attacks)
-    runs: list[tuple[str, list[str]]] = []
-    if point.mode in (AttackMode.INDIVIDUAL, AttackMode.BOTH):
-        runs += [(name, [name]) for name in attacks]
-    if point.mode in (AttackMode.ENSEMBLE, AttackMode.BOTH):
-        runs.append(("ensemble", attacks))
+    runs = autoattack_runs(point)
 
     robust, pred, attacked, warnings = {}, {}, {}, []
     for label, attack_list in runs:
