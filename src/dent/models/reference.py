@@ -133,4 +133,6 @@ def save_reference(
     return save_safetensors(model.state_dict(), directory / f"{name}.safetensors", meta)
 
 
-# Registered reference models (none yet): register_reference("<name>", "<arch>", ...) here.
+# The project's reference models (trained on this project's CPU machine; see each model card).
+register_reference("resnet26_1_nominal", "resnet26_1")
+register_reference("resnet26_1_fgsm_rs", "resnet26_1", threat_model="Linf")
