@@ -143,3 +143,6 @@ def test_cpu_allocator_tuning_reports_what_it_did(monkeypatch):
     assert runtime.tune_cpu_allocator() is False
     monkeypatch.delenv("DENT_CPU_ALLOCATOR")
     assert isinstance(runtime.tune_cpu_allocator(), bool)  # True on Linux/glibc, False elsewhere
+    monkeypatch.setenv("DENT_CPU_ALLOCATOR", "off")
+    with pytest.raises(ConfigError, match="DENT_CPU_ALLOCATOR='off'.*expected 'tuned'"):
+        runtime.tune_cpu_allocator()

@@ -44,10 +44,13 @@ def tune_cpu_allocator() -> bool:
     page-faults its activations in again: measured on 2 CPU cores at batch 128, about 0.5 million page faults
     and a quarter of a dent call's time (docs/performance.md). Raising the mmap and trim thresholds lets freed
     blocks be reused; the process keeps its peak heap. The ``dent`` command line calls this at start;
-    ``DENT_CPU_ALLOCATOR=default`` turns it off. Returns whether the settings were applied.
+    ``DENT_CPU_ALLOCATOR=default`` turns it off (``tuned``, the default, keeps it on). Returns whether the settings were applied.
     """
     global CPU_ALLOCATOR_TUNED
-    if os.environ.get("DENT_CPU_ALLOCATOR", "").lower() == "default":
+    choice = os.environ.get("DENT_CPU_ALLOCATOR", "tuned").strip().lower() or "tuned"
+    if choice not in ("tuned", "default"):
+        raise ConfigError(f"DENT_CPU_ALLOCATOR={choice!r}: expected 'tuned' (the default) or 'default'")
+    if choice == "default":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

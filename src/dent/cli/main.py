@@ -27,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    tune_cpu_allocator()  # keep freed memory for reuse: fewer page faults on CPU (docs/performance.md)
     try:
+        tune_cpu_allocator()  # keep freed memory for reuse: fewer page faults on CPU (docs/performance.md)
         return args.run(args)
     except DentError as exc:
         print(f"dent {args.command}: error: {exc}", file=sys.stderr)
