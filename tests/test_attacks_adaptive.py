@@ -10,7 +10,7 @@ from dent.attacks import ATTACKS, AttackSection
 from dent.attacks.adaptive import BPDA, MixedBatch, mixed_groups, run_mixed
 from dent.attacks.adaptive_config import AdaptiveSection, adv_count, mix_label
 from dent.attacks.apgd_batch import apgd_batch
-from dent.config import load_config
+from dent.evaluation.config import EvaluateConfig
 from dent.defenses import Dent, DentConfig
 from dent.defenses.differentiable import DifferentiableDent
 from dent.errors import ConfigError
@@ -174,21 +174,21 @@ def test_adaptive_attacks_on_a_non_dent_model_are_clear_errors():
 
 
 def test_config_keys_and_unit_keys():
-    c = load_config(None, ["attack.name", "mixed", "attack.adaptive.mixed", "[1, 0.1]",
+    c = EvaluateConfig.load(None, ["attack.name", "mixed", "attack.adaptive.mixed", "[1, 0.1]",
                            "attack.adaptive.horizon", "3", "attack.adaptive.attacks", "apgd-dlr"])
     p = c.attack.points()[0]
     # A point's key covers only the keys its attack reads (horizon is through_adaptation's).
     assert p.adaptive.mixed == [1, 0.1] and p.adaptive.horizon is None and p.adaptive.attacks == ["apgd-dlr"]
     assert "mix 1 adv,10%" in p.label
     # Unset, the section is absent: other attacks' configs, run hashes and unit keys did not change.
-    assert "adaptive" not in load_config(None, []).to_dict()["attack"]
-    assert "adaptive" not in load_config(None, []).attack.points()[0].to_dict()
+    assert "adaptive" not in EvaluateConfig.load(None, []).to_dict()["attack"]
+    assert "adaptive" not in EvaluateConfig.load(None, []).attack.points()[0].to_dict()
     for bad, message in [(["attack.adaptive.attacks", "[fab]"], "unknown APGD variant"),
                          (["attack.adaptive.mixed", "[1.5]"], "mixed"),
                          (["attack.adaptive.sources", "[dent]"], "sources"),
                          (["attack.name", "pgd", "attack.attacks", "[apgd-ce]"], "AutoAttack attacks")]:
         with pytest.raises(ConfigError, match=message):
-            load_config(None, bad)
-    t = load_config(None, ["attack.name", "transfer", "attack.version", "custom", "attack.attacks", "[apgd-ce]"])
+            EvaluateConfig.load(None, bad)
+    t = EvaluateConfig.load(None, ["attack.name", "transfer", "attack.version", "custom", "attack.attacks", "[apgd-ce]"])
     assert t.attack.points()[0].attacks == ("apgd-ce",)
     assert AdaptiveSection(sources=["static", "shortened"]).source_list("transfer")[1].value == "shortened"

@@ -6,20 +6,20 @@ import math
 
 import pytest
 
-from dent.attacks import AAVersion, AttackSection, Norm, Threat, format_eps
-from dent.attacks.config import check_eps
-from dent.config import load_config
+from dent.attacks import AAVersion, AttackSection, Threat
+from dent.threat import ThreatModel, check_eps, format_eps
+from dent.evaluation.config import EvaluateConfig
 from dent.errors import ConfigError
 
 
 def cfg(*overrides: str):
-    return load_config(None, list(overrides))
+    return EvaluateConfig.load(None, list(overrides))
 
 
 def test_threat_shorthands_and_fractions():
     c = cfg("attack.threats", "[Linf:1.5/255, L2:0.2, {norm: Linf, eps: 8/255}]")
     assert [(t.norm, t.eps) for t in c.attack.threats] == [
-        (Norm.LINF, pytest.approx(1.5 / 255)), (Norm.L2, 0.2), (Norm.LINF, pytest.approx(8 / 255))]
+        (ThreatModel.LINF, pytest.approx(1.5 / 255)), (ThreatModel.L2, 0.2), (ThreatModel.LINF, pytest.approx(8 / 255))]
     assert cfg("attack.threats", "L2:0.5").attack.threats == [Threat(norm="L2", eps=0.5)]
 
 
@@ -37,9 +37,9 @@ def test_bad_threats_are_clear_errors(threat, message):
 
 
 def test_l2_epsilon_checked_against_input_size():
-    check_eps(Norm.L2, 55.0, dim=3 * 32 * 32)
+    check_eps(ThreatModel.L2, 55.0, dim=3 * 32 * 32)
     with pytest.raises(ValueError, match="out of range"):
-        check_eps(Norm.L2, 56.0, dim=3 * 32 * 32)
+        check_eps(ThreatModel.L2, 56.0, dim=3 * 32 * 32)
 
 
 def test_unknown_attack_names():

@@ -12,7 +12,7 @@ from dent.benchmark import PRESETS, NaiveDent
 from dent.benchmark.runner import Bench, format_table
 from dent.benchmark.timing import peak_memory, time_calls
 from dent.cli.main import main
-from dent.config import load_config
+from dent.benchmark.config import BenchConfig
 from dent.defenses import Dent, DentConfig
 from dent.errors import ConfigError
 
@@ -99,7 +99,7 @@ TINY_BENCH = [
 
 
 def test_bench_reports_every_configuration():
-    cfg = load_config(None, [*TINY_BENCH, "bench.naive_modes=null"])  # the naive reference for every defense
+    cfg = BenchConfig.load(None, [*TINY_BENCH, "bench.naive_modes=null"])  # the naive reference for every defense
     lines = []
     result = Bench(cfg, log=lines.append, model=tiny_net(dtype=torch.float32)).run()
     rows = {(r["mode"], r["steps"]): r for r in result["rows"]}
@@ -127,11 +127,11 @@ def test_bench_command_writes_json_and_table(tmp_path, capsys):
 
 def test_unknown_bench_mode_is_a_config_error():
     with pytest.raises(ConfigError, match="not in bench.defenses"):
-        load_config(None, ["bench.modes=[dent, nope]"])
+        BenchConfig.load(None, ["bench.modes=[dent, nope]"])
 
 
 def test_shipped_gpu_bench_config_is_valid():
-    cfg = load_config(Path(__file__).resolve().parents[1] / "cfgs" / "bench_gpu.yaml")
+    cfg = BenchConfig.load(Path(__file__).resolve().parents[1] / "cfgs" / "bench_gpu.yaml")
     assert cfg.bench.defenses["dent_bf16"].autocast == "bfloat16" and 6 in cfg.bench.steps
     assert cfg.bench.naive_for("dent+_bf16", 6) and not cfg.bench.naive_for("dent", 10)
 

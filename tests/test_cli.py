@@ -47,7 +47,7 @@ def test_console_script_entry_point():
         (["accuracy", "MODEL.ARCH", "NoSuchModel"], ["unknown model", "autoattack_resnet18", "Wong2020Fast"]),
         (["accuracy", "data.n_imagez", "3"], ["unknown config key 'data.n_imagez'"]),
         (["accuracy", "data.n_images", "many"], ["'data.n_images'", "valid integer"]),
-        (["accuracy", "DEFENSES.DENT.AFFINE", "everything"], ["'defenses.dent.affine'", "'batch'", "'sample'"]),
+        (["evaluate", "DEFENSES.DENT.AFFINE", "everything"], ["'defenses.dent.affine'", "'batch'", "'sample'"]),
         (["accuracy", "data.n_images"], ["has no value"]),
         (["accuracy", "--cfg", "no/such/file.yaml"], ["no/such/file.yaml", "does not exist"]),
         (["accuracy", "device", "tpu"], ["'device'", "auto, cpu, cuda"]),

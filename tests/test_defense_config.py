@@ -7,7 +7,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from dent.config import load_config
+from dent.evaluation.config import EvaluateConfig
 from dent.defenses import AffineMode, Dent, DentConfig, InputMode, StatsMode
 from dent.errors import ConfigError
 
@@ -23,7 +23,7 @@ def test_unknown_objective_and_optimizer_list_valid_names():
 
 def test_bad_name_from_a_config_override_names_the_key():
     with pytest.raises(ConfigError, match=r"defenses\.dent\.optimizer.*valid names: adam, adamod, sgd"):
-        load_config(None, ["defenses.dent.optimizer", "rmsprop"])
+        EvaluateConfig.load(None, ["defenses.dent.optimizer", "rmsprop"])
 
 
 def test_names_are_case_insensitive_and_canonical():
@@ -43,11 +43,11 @@ def test_continual_adaptation_needs_batch_level_state(changes):
 
 
 def test_static_config():
-    assert {name: d.steps for name, d in load_config(CFGS / "static.yaml").defenses.items()} == {"static": 0}
+    assert {name: d.steps for name, d in EvaluateConfig.load(CFGS / "static.yaml").defenses.items()} == {"static": 0}
 
 
 def test_dent_config_is_the_papers_batch_wise_setting():
-    defenses = load_config(CFGS / "dent.yaml").defenses
+    defenses = EvaluateConfig.load(CFGS / "dent.yaml").defenses
     assert defenses["static"].steps == 0
     d = defenses["dent"]
     assert (d.affine, d.stats, d.input, d.objective, d.optimizer) == (
@@ -57,13 +57,13 @@ def test_dent_config_is_the_papers_batch_wise_setting():
 
 
 def test_dent_plus_config_is_the_official_repositorys_setting():
-    d = load_config(CFGS / "dent_plus.yaml").defenses["dent_plus"]
+    d = EvaluateConfig.load(CFGS / "dent_plus.yaml").defenses["dent_plus"]
     assert (d.affine, d.objective, d.optimizer, d.episodic) == (AffineMode.SAMPLE, "infomax", "adamod", True)
     assert (d.lr, d.betas, d.beta3, d.steps, d.weight_decay) == (6e-3, (0.99, 0.999), 0.6, 6, 0.0)
 
 
 def test_dent_input_config_adapts_model_and_input_batch_wise():
-    defenses = load_config(CFGS / "dent_input.yaml").defenses
+    defenses = EvaluateConfig.load(CFGS / "dent_input.yaml").defenses
     d = defenses["dent_input"]
     assert (d.affine, d.input, d.steps, d.sigma_lr, d.lr) == (AffineMode.BATCH, InputMode.BATCH, 10, 0.25, 1e-3)
     assert (defenses["static_blur"].input, defenses["static_blur"].steps) == (InputMode.STATIC, 0)
@@ -76,6 +76,6 @@ def test_every_shipped_defense_runs(name):
         nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
     ).eval()
     x = torch.rand(4, 3, 8, 8)
-    for config in load_config(CFGS / f"{name}.yaml").defenses.values():
+    for config in EvaluateConfig.load(CFGS / f"{name}.yaml").defenses.values():
         out = Dent(model, config)(x)
         assert out.shape == (4, 3) and torch.isfinite(out).all()

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from dent.cli.main import main
-from dent.config import load_config
+from dent.evaluation.config import EvaluateConfig
 from dent.evaluation.mainjob import main_job
 from eval_support import write_fake_cifar10, write_small_checkpoint
 
@@ -46,8 +46,8 @@ def small_args(small, name: str) -> list[str]:
 
 
 def test_main_yaml_mirrors_the_builtin_main_job():
-    assert load_config(REPO / "cfgs" / "main.yaml") == load_config(None, file_defaults=main_job())
-    job = load_config(None, file_defaults=main_job())
+    assert EvaluateConfig.load(REPO / "cfgs" / "main.yaml") == EvaluateConfig.load(None, file_defaults=main_job())
+    job = EvaluateConfig.load(None, file_defaults=main_job())
     assert job.model.arch == "autoattack_resnet18" and job.data.dataset == "cifar10"
     assert list(job.defenses) == ["static", "dent", "dent_sigma"]
     assert job.defenses["dent_sigma"].input.value == "batch" and job.defenses["static"].steps == 0
@@ -110,5 +110,5 @@ def test_every_experiment_config_is_valid():
     assert {"table1_linf.yaml", "table1_l2.yaml", "table2.yaml", "table4.yaml", "table7.yaml", "table8.yaml",
             "table9.yaml", "table10.yaml", "table12.yaml", "table13.yaml"} <= set(names)
     for name in names + ["main.yaml", "figure4.yaml"]:
-        cfg = load_config(REPO / "cfgs" / name)
+        cfg = EvaluateConfig.load(REPO / "cfgs" / name)
         assert cfg.attack.points() and cfg.defenses, name

@@ -23,7 +23,7 @@ SCRIPT = """
 import sys
 from pathlib import Path
 from eval_support import fake_data, tiny_net
-from dent.config import load_config
+from dent.evaluation.config import EvaluateConfig
 from dent.evaluation.runner import evaluate
 
 overrides = [
@@ -31,7 +31,7 @@ overrides = [
     "attack.version", "custom", "attack.attacks", "[apgd-ce, apgd-t]", "attack.threats", "[Linf:8/255, Linf:16/255]",
     "attack.n_iter", "2", "attack.n_restarts", "1", "attack.n_target_classes", "1",
 ]
-cfg = load_config(None, overrides, file_defaults={"defenses": {"static": {"steps": 0}, "dent": {"steps": 1, "lr": 0.01}}})
+cfg = EvaluateConfig.load(None, overrides, file_defaults={"defenses": {"static": {"steps": 0}, "dent": {"steps": 1, "lr": 0.01}}})
 net = tiny_net()
 evaluate(cfg, model=net, data=fake_data(48, model=net), run_dir=Path(sys.argv[1]))
 """

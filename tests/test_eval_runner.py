@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from dent.config import load_config
+from dent.evaluation.config import EvaluateConfig
 from dent.errors import ConfigError
 from dent.evaluation.report import load_summary, write_report
 from dent.evaluation.rundir import ConfigMismatchError, NotARunError, find_store
@@ -30,7 +30,7 @@ def config(*overrides, defenses=DEFENSES):
     """The test config; ``defenses`` replaces the defense list (overrides merge into it)."""
     import yaml
 
-    return load_config(None, BASE + list(overrides), file_defaults={"defenses": yaml.safe_load(defenses)})
+    return EvaluateConfig.load(None, BASE + list(overrides), file_defaults={"defenses": yaml.safe_load(defenses)})
 
 
 @pytest.fixture(scope="module")

@@ -138,7 +138,7 @@ def test_adaptive_runs_merge_into_the_security_report(tmp_path):
     """`dent evaluate` configs with adaptive attacks, merged by the report (Python API of both)."""
     import yaml
 
-    from dent.config import load_config
+    from dent.evaluation.config import EvaluateConfig
     from dent.evaluation.report import write_report
     from dent.evaluation.runner import evaluate
     from eval_support import fake_data, tiny_net
@@ -154,7 +154,7 @@ def test_adaptive_runs_merge_into_the_security_report(tmp_path):
                         ("through", ["attack.name", "through_adaptation", "attack.adaptive.checkpoint", "true"]),
                         ("mixed", ["attack.name", "mixed", "attack.adaptive.mixed", "[0.5]",
                                    "attack.adaptive.attacks", "[apgd-ce]"])]:
-        cfg = load_config(None, base + extra, file_defaults=defenses)
+        cfg = EvaluateConfig.load(None, base + extra, file_defaults=defenses)
         evaluate(cfg, model=net, data=data, run_dir=tmp_path / name)
         runs.append(tmp_path / name)
     files = write_report(runs, tmp_path / "report")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dent.training.adversaries import fgsm_rs_examples, pgd_examples, project, random_start, trades_examples
+from dent.attacks.ball import project, random_start
+from dent.training.adversaries import fgsm_rs_examples, pgd_examples, trades_examples
 from dent.training.augment import random_crop_flip
 from training_support import one_thread, tiny_net  # noqa: F401
 

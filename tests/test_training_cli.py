@@ -21,9 +21,9 @@ CFG_FILES = ["nominal", "pgd", "pgd_l2", "trades", "fgsm_rs", "alp", "dynat",
 
 @pytest.mark.parametrize("name", CFG_FILES)
 def test_shipped_configs_load(name):
-    from dent.config import load_config
+    from dent.training.config import TrainConfig
 
-    cfg = load_config(f"cfgs/train/{name}.yaml")
+    cfg = TrainConfig.load(f"cfgs/train/{name}.yaml")
     assert cfg.train.recipe == name.replace("cpu_", "").replace("_resnet26_1", "").replace("_l2", "")
 
 

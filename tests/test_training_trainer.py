@@ -117,7 +117,7 @@ def test_existing_checkpoint_without_resume_and_missing_resume_path(tmp_path):
 def test_resume_hash_ignores_volatile_keys(tmp_path):
     make(tiny_config("nominal", "train.epochs", "2"), tmp_path).run(until_epoch=1)
     cfg = tiny_config("nominal", "train.epochs", "2", "train.progress", "true", "train.resume", "true",
-                      "output.root", str(tmp_path / "elsewhere"), "data.n_images", "5")
+                      "output.root", str(tmp_path / "elsewhere"), "data.dir", str(tmp_path / "data"))
     assert make(cfg, tmp_path).run().epoch == 2
 
 

@@ -7,7 +7,7 @@ import itertools
 import torch
 from torch import nn
 
-from dent.config import RunConfig, load_config
+from dent.training.config import TrainConfig
 from dent.data.split import Split
 
 
@@ -32,13 +32,13 @@ def synthetic_split(n: int, seed: int = 0, size: int = 16) -> Split:
     return Split(x.float().contiguous(), y.long(), tuple(f"c{i}" for i in range(10)), "synthetic-train")
 
 
-def tiny_config(recipe: str = "nominal", *overrides: str) -> RunConfig:
+def tiny_config(recipe: str = "nominal", *overrides: str) -> TrainConfig:
     base = [
         "model.arch", "tiny", "device", "cpu", "train.recipe", recipe, "train.epochs", "1",
         "train.batch_size", "20", "train.holdout", "40", "train.lr", "0.1", "train.eval.steps", "2",
         "train.progress", "false",
     ]
-    return load_config(None, [*base, *overrides])
+    return TrainConfig.load(None, [*base, *overrides])
 
 
 import pytest  # noqa: E402

@@ -1,22 +1,42 @@
 """Typed, validated configuration sections (pydantic) and yacs-style overrides.
 
-Each layer of the package defines its own section (e.g. :class:`dent.defenses.DentConfig`); the root
-run config in :mod:`dent.config` composes them. Sections forbid unknown keys and check types once, at
-construction, so a bad value is reported with its dotted key and the expected type.
+Each layer of the package defines its own section (e.g. :class:`dent.defenses.DentConfig`); each command's
+config (:mod:`dent.sections` and the command's package) composes them. Sections forbid unknown keys and check
+types once, at construction, so a bad value is reported with its dotted key and the expected type. Fields
+carry markers (:data:`NON_RESULT`, :data:`OMITTED_AT_DEFAULT`) that say how they count in a run's identity.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from fractions import Fraction
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Iterable
+from typing import Any, Iterable
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_serializer
+from pydantic import BaseModel, ConfigDict, SerializationInfo, ValidationError, model_serializer
 
 from dent.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class FieldMarker:
+    """A tag put in a field's ``Annotated[...]`` metadata: ``device: Annotated[str, NON_RESULT] = "auto"``."""
+
+    name: str
+
+
+#: The field does not change any result (where things are read and stored, the device, display, how the work
+#: is split): :mod:`dent.identity` leaves it out of result hashes, so changing it never forks or refuses a run.
+NON_RESULT = FieldMarker("non-result")
+
+#: The field was added after results were stored: serialized only when it differs from its default, so saved
+#: configs, run hashes and unit keys of earlier runs stay valid (and resumable).
+OMITTED_AT_DEFAULT = FieldMarker("omitted-at-default")
+
+#: Key of a serialization context naming a marker whose fields are left out too (see :mod:`dent.identity`).
+DROP_KEY = "drop"
 
 
 class Section(BaseModel):
@@ -24,17 +44,23 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True, use_enum_values=False)
 
-    #: Fields added after results were first stored: serialized only when they differ from their default,
-    #: so saved configs, run hashes and result keys of earlier runs stay valid (and resumable).
-    omitted_at_default: ClassVar[frozenset[str]] = frozenset()
+    @classmethod
+    def marked(cls, marker: FieldMarker) -> tuple[str, ...]:
+        """The names of this section's fields that carry ``marker``."""
+        return tuple(name for name, info in cls.model_fields.items() if any(m is marker for m in info.metadata))
 
     @model_serializer(mode="wrap")
-    def _omit_late_defaults(self, handler: Any) -> Any:
+    def _serialize_marked(self, handler: Any, info: SerializationInfo) -> Any:
         data = handler(self)
         if isinstance(data, dict):
-            for name in self.omitted_at_default:
-                if name in data and getattr(self, name) == type(self).model_fields[name].default:
+            fields = type(self).model_fields
+            for name in self.marked(OMITTED_AT_DEFAULT):
+                if name in data and getattr(self, name) == fields[name].get_default(call_default_factory=True):
                     del data[name]
+            dropped = (info.context or {}).get(DROP_KEY)
+            if dropped is not None:
+                for name in self.marked(dropped):
+                    data.pop(name, None)
         return data
 
     def to_dict(self) -> dict[str, Any]:
@@ -43,24 +69,6 @@ class Section(BaseModel):
     def replace(self, **changes: Any) -> "Section":
         """A copy with ``changes`` applied and validated."""
         return validated(type(self), {**self.to_dict(), **changes})
-
-
-def parse_fraction(value: Any) -> Any:
-    """Accept "8/255" style strings for pixel-scale quantities (epsilons, step sizes)."""
-    if isinstance(value, str) and "/" in value:
-        try:
-            text = value.replace(" ", "")
-            if "." in text:  # e.g. 1.5/255, which Fraction does not parse
-                numerator, denominator = text.split("/")
-                return float(numerator) / float(denominator)
-            return float(Fraction(text))
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(f"expected a number or a fraction like '8/255', got {value!r}") from None
-    return value
-
-
-#: A float in the [0, 1] pixel scale that may be written as a fraction, e.g. ``8/255``.
-PixelFloat = Annotated[float, BeforeValidator(parse_fraction)]
 
 
 def validated(cls: type[Section], data: dict[str, Any], where: str = "") -> Section:

@@ -2,13 +2,11 @@
 attacks on dent (dent.attacks.adaptive: transfer, mixed, through_adaptation, bpda_eot, surrogate_transfer)."""
 
 from dent.attacks.adaptive_config import ADAPTIVE_ATTACKS, AdaptiveSection
-from dent.attacks.config import (
-    AUTOATTACK_ATTACKS, AAVersion, AttackMode, AttackPoint, AttackSection, Norm, Threat, format_eps,
-)
+from dent.attacks.config import AUTOATTACK_ATTACKS, AAVersion, AttackMode, AttackPoint, AttackSection, Threat
 from dent.attacks.pgd import PGDResult, pgd
 from dent.attacks.registry import ATTACKS, AttackOutcome
 
 __all__ = [
     "ADAPTIVE_ATTACKS", "AdaptiveSection", "ATTACKS", "AUTOATTACK_ATTACKS", "AAVersion", "AttackMode", "AttackOutcome", "AttackPoint",
-    "AttackSection", "Norm", "PGDResult", "Threat", "format_eps", "pgd",
+    "AttackSection", "PGDResult", "Threat", "pgd",
 ]

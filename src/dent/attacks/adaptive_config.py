@@ -24,7 +24,8 @@ from typing import Annotated, Any, Optional, Union
 
 from pydantic import Field, field_validator
 
-from dent.confbase import PixelFloat, Section
+from dent.confbase import Section
+from dent.threat import PixelFloat
 
 #: The adaptive attack names, as registered in :data:`dent.attacks.ATTACKS`.
 ADAPTIVE_ATTACKS = ("transfer", "mixed", "through_adaptation", "bpda_eot", "surrogate_transfer")

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from dent.attacks.config import Norm
+from dent.threat import ThreatModel
 from dent.errors import InvalidInputError
 
 #: pyautoattack's losses per APGD variant.
@@ -37,7 +37,7 @@ def apgd_batch(
     y: Tensor,
     *,
     attack: str = "apgd-ce",
-    norm: Norm | str = Norm.LINF,
+    norm: ThreatModel | str = ThreatModel.LINF,
     eps: float,
     n_iter: int = 100,
     n_restarts: int = 1,
@@ -56,7 +56,7 @@ def apgd_batch(
         raise InvalidInputError(f"unknown APGD variant {attack!r}; valid: {', '.join(LOSSES)}")
     if n_iter < 1 or n_restarts < 1 or n_target_classes < 1 or eot_iter < 1:
         raise InvalidInputError("apgd_batch needs n_iter, n_restarts, n_target_classes and eot_iter >= 1")
-    norm = Norm(norm).value
+    norm = ThreatModel(norm).value
     x = x.detach()
     y = y.detach()
     common = dict(n_iter=n_iter, norm=norm, n_restarts=1, eps=eps, seed=seed, eot_iter=eot_iter, device=x.device)

@@ -7,19 +7,14 @@ unit of work runs and what its content hash covers.
 
 from __future__ import annotations
 
-import math
 from enum import Enum
 from typing import Annotated, Any, Optional
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from dent.attacks.adaptive_config import ADAPTIVE_ATTACKS, AdaptiveSection, point_tag
-from dent.confbase import PixelFloat, Section
-
-
-class Norm(str, Enum):
-    LINF = "Linf"
-    L2 = "L2"
+from dent.confbase import OMITTED_AT_DEFAULT, Section
+from dent.threat import PixelFloat, ThreatModel, check_eps, format_eps, parse_threat
 
 
 class AAVersion(str, Enum):
@@ -52,34 +47,10 @@ VERSION_ATTACKS = {
     AAVersion.RAND: ("apgd-ce", "apgd-dlr"),
 }
 
-#: Largest meaningful L2 radius for CIFAR-sized inputs in [0, 1]: the diameter of the pixel cube.
-CIFAR_L2_DIAMETER = math.sqrt(3 * 32 * 32)
-
-
-def format_eps(eps: float, norm: Norm | str) -> str:
-    """``8/255`` for Linf epsilons on the 1/255 grid (or half steps, e.g. ``1.5/255``), else the number."""
-    if Norm(norm) == Norm.LINF:
-        scaled = eps * 255
-        if abs(scaled - round(scaled * 2) / 2) < 1e-6:
-            value = round(scaled * 2) / 2
-            return f"{value:g}/255"
-    return f"{eps:g}"
-
-
-def parse_threat(value: Any) -> Any:
-    """Accept ``"Linf:8/255"`` / ``"L2:0.5"`` shorthands for a threat."""
-    if isinstance(value, str):
-        if ":" not in value:
-            raise ValueError(f"expected NORM:EPS like 'Linf:8/255' or 'L2:0.5', got {value!r}")
-        norm, eps = value.split(":", 1)
-        return {"norm": norm.strip(), "eps": eps.strip()}
-    return value
-
-
 class Threat(Section):
     """A norm ball: the norm and its radius epsilon, in the [0, 1] pixel scale."""
 
-    norm: Norm = Norm.LINF
+    norm: ThreatModel = ThreatModel.LINF
     eps: PixelFloat = 8 / 255
 
     @model_validator(mode="after")
@@ -90,19 +61,6 @@ class Threat(Section):
     @property
     def label(self) -> str:
         return f"{self.norm.value} {format_eps(self.eps, self.norm)}"
-
-
-def check_eps(norm: Norm, eps: float, dim: Optional[int] = None) -> None:
-    """Raise ``ValueError`` when ``eps`` is outside the meaningful range for ``norm`` (and input size ``dim``)."""
-    if not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"epsilon must be > 0, got {eps!r}")
-    if norm == Norm.LINF and eps > 1:
-        raise ValueError(
-            f"Linf epsilon {eps:g} is out of range (0, 1]: pixels are in [0, 1], so write e.g. 8/255, not 8"
-        )
-    limit = math.sqrt(dim) if dim else None
-    if norm == Norm.L2 and limit is not None and eps > limit:
-        raise ValueError(f"L2 epsilon {eps:g} is out of range (0, {limit:.4g}] for inputs of {dim} values")
 
 
 def _as_list(value: Any) -> Any:
@@ -127,7 +85,7 @@ class AttackPoint(Section):
     version: Optional[AAVersion] = None  # AutoAttack only
     attacks: tuple[str, ...] = ()  # AutoAttack's resolved attack list
     mode: AttackMode = AttackMode.ENSEMBLE
-    norm: Norm
+    norm: ThreatModel
     eps: float
     n_iter: Optional[int] = None  # None: the attack's default
     n_restarts: Optional[int] = None
@@ -136,9 +94,9 @@ class AttackPoint(Section):
     eot_iter: Optional[int] = None
     step_size: Optional[float] = None  # PGD only
     random_start: bool = True  # PGD only
-    adaptive: Optional[AdaptiveSection] = None  # adaptive attacks only (dent.attacks.adaptive)
-
-    omitted_at_default = frozenset({"adaptive"})  # keeps pre-adaptive-attack hashes and unit keys
+    # Adaptive attacks only (dent.attacks.adaptive); omitted at its default, so points of other attacks keep
+    # the unit keys they had before adaptive attacks existed.
+    adaptive: Annotated[Optional[AdaptiveSection], OMITTED_AT_DEFAULT] = None
 
     @property
     def threat_label(self) -> str:
@@ -178,9 +136,9 @@ class AttackSection(Section):
     version: AAVersion = AAVersion.STANDARD  # AutoAttack version; custom runs `attacks`
     attacks: list[str] = Field(default_factory=list)  # custom AutoAttack list, e.g. [apgd-ce, apgd-t]
     mode: AttackMode = AttackMode.ENSEMBLE  # ensemble | individual | both (per-attack, Table 2)
-    # Norm balls to attack in, each NORM:EPS or {norm, eps}; several give the accuracy-vs-epsilon curve.
+    # ThreatModel balls to attack in, each NORM:EPS or {norm, eps}; several give the accuracy-vs-epsilon curve.
     threats: Annotated[list[Threat], BeforeValidator(_threat_list)] = Field(
-        default_factory=lambda: [Threat(norm=Norm.LINF, eps=8 / 255)]
+        default_factory=lambda: [Threat(norm=ThreatModel.LINF, eps=8 / 255)]
     )
     # Attack iterations (APGD, FAB, PGD); a list is an iteration sweep (Table 10); [] keeps the default.
     n_iter: Annotated[list[PositiveInt], BeforeValidator(_as_list)] = Field(default_factory=list)
@@ -192,9 +150,7 @@ class AttackSection(Section):
     random_start: bool = True  # PGD starts from a random point in the ball
     # Adaptive attacks (transfer | mixed | through_adaptation | bpda_eot | surrogate_transfer): their knobs
     # (dent.attacks.adaptive_config.AdaptiveSection); null = its defaults.
-    adaptive: Optional[AdaptiveSection] = None
-
-    omitted_at_default = frozenset({"adaptive"})  # keeps pre-adaptive-attack hashes and unit keys
+    adaptive: Annotated[Optional[AdaptiveSection], OMITTED_AT_DEFAULT] = None  # (keeps earlier run hashes)
 
     @field_validator("name")
     @classmethod

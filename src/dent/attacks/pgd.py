@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from dent.attacks.config import Norm
+from dent.attacks import ball
 from dent.errors import InvalidInputError
+from dent.threat import ThreatModel
 
 
 #: Steps when ``attack.n_iter`` is not set.
@@ -38,31 +39,12 @@ def default_step_size(eps: float, n_iter: int) -> float:
     return 2.5 * eps / n_iter
 
 
-def _l2_norm(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
-
-
-def _project(delta: torch.Tensor, norm: Norm, eps: float) -> torch.Tensor:
-    if norm == Norm.LINF:
-        return delta.clamp(-eps, eps)
-    return delta * (eps / _l2_norm(delta)).clamp(max=1.0)
-
-
-def _random_start(x: torch.Tensor, norm: Norm, eps: float, generator: torch.Generator) -> torch.Tensor:
-    if norm == Norm.LINF:
-        noise = torch.rand(x.shape, generator=generator) * 2 - 1
-        return (noise * eps).to(x.device)
-    direction = torch.randn(x.shape, generator=generator)
-    radius = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=generator)
-    return (direction / _l2_norm(direction) * radius * eps).to(x.device)
-
-
 def pgd(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    norm: Norm | str = Norm.LINF,
+    norm: ThreatModel | str = ThreatModel.LINF,
     eps: float,
     n_iter: int = 10,
     step_size: float | None = None,
@@ -72,7 +54,7 @@ def pgd(
     progress: bool = False,
 ) -> PGDResult:
     """Untargeted cross-entropy PGD against ``model`` on the batch ``x`` (in [0, 1]) with labels ``y``."""
-    norm = Norm(norm)
+    norm = ThreatModel(norm)
     if x.dim() != 4 or x.shape[0] != y.shape[0]:
         raise InvalidInputError(f"pgd expects images [B, C, H, W] and labels [B], got {list(x.shape)} and {list(y.shape)}")
     if n_iter < 1 or n_restarts < 1:
@@ -99,27 +81,20 @@ def pgd(
     bar = tqdm(total=n_restarts * n_iter, desc="pgd", unit="step", leave=False, disable=not progress)
     for restart in range(n_restarts):
         generator = torch.Generator().manual_seed(seed * 1000 + restart)
-        delta = _random_start(x, norm, eps, generator) if random_start else torch.zeros_like(x)
-        delta = (x + delta).clamp(0, 1) - x
+        x_iter = ball.random_start(x, norm, eps, generator) if random_start else x.clone()
         for _ in range(n_iter):
             with torch.enable_grad():
-                x_query = (x + delta).requires_grad_(True)
+                x_query = x_iter.requires_grad_(True)
                 logits = model(x_query)
                 loss = F.cross_entropy(logits, y, reduction="sum")
                 (grad,) = torch.autograd.grad(loss, [x_query])
             record(x_query, logits)
             with torch.no_grad():
-                if norm == Norm.LINF:
-                    step = alpha * grad.sign()
-                else:
-                    step = alpha * grad / _l2_norm(grad)
-                delta = _project(delta + step, norm, eps)
-                delta = (x + delta).clamp(0, 1) - x
+                x_iter = ball.project(x, x_iter.detach() + ball.ascent_step(grad, norm, alpha), norm, eps)
             bar.update(1)
         with torch.no_grad():
-            x_query = x + delta
-            record(x_query, model(x_query))
-        x_adv[robust] = (x + delta)[robust]
+            record(x_iter, model(x_iter))
+        x_adv[robust] = x_iter[robust]
     bar.close()
     return PGDResult(x_adv=x_adv, robust=robust.clone(), pred=final_pred)
 

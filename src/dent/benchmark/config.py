@@ -1,14 +1,15 @@
-"""The ``bench`` config section: what ``dent bench`` times, on which model, how often."""
+"""The config of ``dent bench``: the ``bench`` section (what is timed, on which model, how often) and
+:class:`BenchConfig`, which composes it with the model and data sections."""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal, Optional
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from dent.confbase import Section
 from dent.defenses.config import DentConfig
-from dent.runtime import DEVICE_CHOICES
+from dent.sections import CommandConfig, DataSection, DeviceName, ModelSection
 
 PositiveInt = Annotated[int, Field(ge=1)]
 
@@ -54,7 +55,7 @@ class BenchSection(Section):
     attack_batch_size: PositiveInt = 16
     data: str = "random"  # "random" (uniform noise, seeded) or a data set name: its first test images
     image_size: PositiveInt = 32
-    device: Optional[str] = None  # default: the run's `device`
+    device: Optional[DeviceName] = None  # default: the run's `device`
     threads: Optional[PositiveInt] = None  # torch CPU threads; default: torch's (all cores)
     channels_last: bool = False  # convert the model and inputs to channels-last memory format (GPU: faster convs)
     # torch.compile the wrapped model (static, dent and naive alike) with this mode ("none": eager). The first
@@ -64,13 +65,6 @@ class BenchSection(Section):
     # Which time the tables use: "wall" clock, or this process's "cpu" time (CPU only; with threads: 1 on a
     # busy machine it leaves out waiting for a core). Both are saved in the JSON.
     clock: Literal["wall", "cpu"] = "wall"
-
-    @field_validator("device")
-    @classmethod
-    def _known_device(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None and value not in DEVICE_CHOICES and not value.startswith("cuda:"):
-            raise ValueError(f"expected one of {', '.join(DEVICE_CHOICES)} or cuda:N")
-        return value
 
     @model_validator(mode="after")
     def _known_modes(self) -> "BenchSection":
@@ -84,3 +78,15 @@ class BenchSection(Section):
         modes = self.modes if self.naive_modes is None else self.naive_modes
         ks = self.steps if self.naive_steps is None else self.naive_steps
         return mode in modes and steps in ks
+
+
+class BenchConfig(CommandConfig):
+    """The config of ``dent bench``. The device is a result here: timings are of it."""
+
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()  # `seed`, `dir` and `download` of the images timed with bench.data
+    bench: BenchSection = BenchSection()
+    device: DeviceName = "auto"
+    seed: int = 0
+
+    legacy_keys = ("defenses", "attack", "evaluation", "train")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Optional
 
-from dent.config import RunConfig, load_config
 from dent.provenance import write_run_metadata
 from dent.registry import Registry
+from dent.sections import CommandConfig
 
 
 @dataclass(frozen=True)
@@ -18,16 +18,19 @@ class Command:
     help: str
     run: Callable[[argparse.Namespace], int]
     add_arguments: Callable[[argparse.ArgumentParser], None]
+    config: Optional[type[CommandConfig]]  # the command's config class; None: it reads no config
 
 
 COMMANDS: Registry[Command] = Registry("command")
 
 
-def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None] | None = None):
-    """Decorator registering ``run(args) -> exit code`` as a CLI command."""
+def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None] | None = None, *,
+            config: Optional[type[CommandConfig]] = None):
+    """Decorator registering ``run(args) -> exit code`` as a CLI command whose ``--cfg`` and overrides are
+    resolved into ``config`` (see :func:`config_from_args`)."""
 
     def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-        COMMANDS.register(name, Command(name, help, run, add_arguments or add_config_arguments))
+        COMMANDS.register(name, Command(name, help, run, add_arguments or add_config_arguments, config))
         return run
 
     return register
@@ -43,11 +46,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    return load_config(args.cfg, args.overrides)
+def config_from_args(args: argparse.Namespace, file_defaults: dict[str, Any] | None = None) -> CommandConfig:
+    """The config of the command being run, from ``--cfg`` (else ``file_defaults``) and the overrides."""
+    return COMMANDS.get(args.command).config.load(args.cfg, args.overrides, file_defaults=file_defaults)
 
 
-def prepare_run_dir(cfg: RunConfig, command_name: str) -> Path:
+def prepare_run_dir(cfg: CommandConfig, command_name: str) -> Path:
     """Create the run directory and save the resolved config and provenance in it."""
     run_dir = cfg.run_dir(command_name)
     write_run_metadata(run_dir, cfg.to_dict())

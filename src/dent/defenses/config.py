@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from dent.confbase import Section
+from dent.confbase import OMITTED_AT_DEFAULT, Section
 from dent.defenses.objectives import OBJECTIVES
 from dent.defenses.optim import OPTIMIZERS
 
@@ -63,9 +63,7 @@ class DentConfig(Section):
     # Autocast dtype of the adaptation steps ("none": the model's own precision). "bfloat16" speeds up the
     # steps on GPUs with bf16 tensor cores; the final prediction always runs in full precision. On CPUs
     # without native bf16 it is far slower (measured: docs/performance.md). Check accuracy with `dent bench`.
-    autocast: Literal["none", "bfloat16"] = "none"
-
-    omitted_at_default = frozenset({"autocast"})  # keeps the hashes and unit keys of earlier runs
+    autocast: Annotated[Literal["none", "bfloat16"], OMITTED_AT_DEFAULT] = "none"  # (keeps earlier unit keys)
 
     @field_validator("objective")
     @classmethod

@@ -1,4 +1,5 @@
-"""The ``evaluation`` config section: how the evaluation is split into units, sharded and reported."""
+"""The config of ``dent evaluate``: its ``evaluation`` section (units, shards, repeats, report) and
+:class:`EvaluateConfig`, which composes it with the model, data, defenses and attack."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ from typing import Annotated
 
 from pydantic import Field, field_validator
 
-from dent.confbase import Section
+from dent.attacks.config import AttackSection
+from dent.confbase import NON_RESULT, OMITTED_AT_DEFAULT, Section
+from dent.defenses.config import DentConfig
+from dent.sections import CommandConfig, DataSection, DeviceName, ModelSection
 
 PositiveInt = Annotated[int, Field(ge=1)]
 
@@ -31,9 +35,15 @@ class EvaluationSection(Section):
     clean: bool = True  # also measure natural (clean) accuracy of every defense
     # This process's share of the test batches, "i/n" (1-based): batches b with b % n == i - 1. Shards
     # of one config can run in separate processes or machines; `dent report DIR...` merges them.
-    shard: str = "1/1"
-    progress: bool = True  # progress bars (with ETA)
-    report: bool = True  # write the report (markdown, CSV, JSON, PNG) into the run directory when done
+    shard: Annotated[str, NON_RESULT] = "1/1"
+    progress: Annotated[bool, NON_RESULT] = True  # progress bars (with ETA)
+    # write the report (markdown, CSV, JSON, PNG) into the run directory when done
+    report: Annotated[bool, NON_RESULT] = True
+    # Repeat the evaluation R times; repeat r attacks with seed `seed + r` (repeat 0 is the evaluation of
+    # R = 1). Raising R on a finished run resumes it and adds the new repeats' units.
+    repeats: Annotated[PositiveInt, NON_RESULT] = 1
+    # Repeat r also evaluates another class-stratified subset, drawn with seed `data.seed + r`.
+    repeat_subsets: Annotated[bool, OMITTED_AT_DEFAULT] = False
 
     @field_validator("shard")
     @classmethod
@@ -46,17 +56,18 @@ class EvaluationSection(Section):
         return parse_shard(self.shard)
 
 
-#: Dotted config keys that do not change any result: where things are stored and read, how the work
-#: is split and displayed. A resumed run may change them; any other difference is refused.
-NON_RESULT_KEYS = (
-    "output",
-    "device",
-    "data.dir",
-    "data.download",
-    "model.model_dir",
-    "evaluation.shard",
-    "evaluation.progress",
-    "evaluation.report",
-    "bench",  # dent bench's settings (dent.benchmark): timings only
-    "train",  # dent train's settings (dent.training): not read by an evaluation
-)
+class EvaluateConfig(CommandConfig):
+    """The config of ``dent evaluate`` (and of :func:`dent.evaluation.runner.evaluate`)."""
+
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    defenses: dict[str, DentConfig] = Field(
+        default_factory=lambda: {"static": DentConfig(steps=0), "dent": DentConfig()}
+    )
+    attack: AttackSection = AttackSection()
+    evaluation: EvaluationSection = EvaluationSection()
+    device: Annotated[DeviceName, NON_RESULT] = "auto"
+    seed: int = 0  # seed of the attacks (repeat r: seed + r)
+
+    replaced_whole = frozenset({"defenses"})
+    legacy_keys = ("train", "bench")  # dent train's and dent bench's sections in the former all-commands config

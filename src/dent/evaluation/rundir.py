@@ -3,14 +3,15 @@
 Layout::
 
     RUN_DIR/config.yaml       the resolved config of the run (every key)
-    RUN_DIR/config.hash       the hash of its result-affecting keys
+    RUN_DIR/config.hash       the run's result hash (its name is evaluate-<hash[:8]> by default)
     RUN_DIR/provenance.json   versions, machine, command line
     RUN_DIR/results.sqlite    finished units (see dent.evaluation.store)
     RUN_DIR/evaluate.log      our log and pyautoattack's
     RUN_DIR/report/           written by `dent report` (and at the end of `dent evaluate`)
 
-The store also keeps the config and its hash (``meta``): that copy is what a resumed run is checked
-against, so editing config.yaml by hand cannot make results of different configs mix.
+The store also keeps the config, its hash and the identity of the model and data measured (``meta``): that
+copy is what a resumed run is checked against, so editing config.yaml by hand cannot make results of
+different configs mix.
 """
 
 from __future__ import annotations
@@ -20,15 +21,17 @@ from typing import Any
 
 import yaml
 
-from dent.confbase import config_hash
 from dent.errors import ConfigError, DentError
-from dent.evaluation.config import NON_RESULT_KEYS
+from dent.evaluation.config import EvaluateConfig
 from dent.evaluation.store import STORE_NAME, ResultStore
+from dent.identity import flat_hash, refuse_mixing, result_tree
 from dent.provenance import write_run_metadata
 
 CONFIG_NAME = "config.yaml"
 HASH_NAME = "config.hash"
 LOG_NAME = "evaluate.log"
+#: The store's meta key of the model and data measured (see :func:`dent.evaluation.runner.measured_identity`).
+IDENTITY_META = "identity"
 REPORT_DIR = "report"
 
 
@@ -40,54 +43,59 @@ class NotARunError(DentError):
     """A path given as a run directory is not one."""
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts -> ``{"a.b.c": value}``; lists and scalars are leaves."""
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out if out or not prefix else {prefix: {}}
-    return {prefix: tree}
+#: The parts of the measured identity that no config key names: digests of a model or data passed in as objects.
+PASSED_IN = {"model": ("module", "digest"), "data": ("digest",)}
 
 
-def _excluded(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in NON_RESULT_KEYS)
+def run_tree(cfg: EvaluateConfig, identity: dict[str, Any]) -> dict[str, Any]:
+    """A run's result tree: its config's, plus the digests of a model or data passed in (under ``identity``).
+
+    Runs of named models and data have exactly their config's tree, so their hashes predate this.
+    """
+    tree = result_tree(cfg)
+    passed = {part: {k: identity[part][k] for k in keys if k in identity.get(part, {})}
+              for part, keys in PASSED_IN.items()}
+    passed = {part: values for part, values in passed.items() if values}
+    if passed:
+        tree["identity"] = passed
+    return tree
 
 
-def result_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The result-affecting keys of a resolved config, flattened."""
-    return {k: v for k, v in flatten(config).items() if not _excluded(k)}
+def run_hash(cfg: EvaluateConfig, identity: dict[str, Any]) -> str:
+    """The hash of a run's result tree: what names its default directory and guards resuming it."""
+    return flat_hash(run_tree(cfg, identity))
 
 
-def result_hash(config: dict[str, Any]) -> str:
-    return config_hash(result_config(config))
+def stored_run_tree(store: ResultStore) -> dict[str, Any]:
+    """The result tree of the run a store holds, from its stored config (re-validated) and identity."""
+    cfg = EvaluateConfig.from_stored(store.get_meta("config"))
+    return run_tree(cfg, store.get_meta(IDENTITY_META) or {})
 
 
-def differing_keys(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(key, old value, new value) for every result-affecting key that differs (missing = None)."""
-    a, b = result_config(old), result_config(new)
-    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
-
-
-def open_run(run_dir: Path, config: dict[str, Any]) -> ResultStore:
-    """Open (or create) the run in ``run_dir`` for ``config``; refuse if it holds another config's results."""
+def open_run(run_dir: Path, cfg: EvaluateConfig, identity: dict[str, Any]) -> ResultStore:
+    """Open (or create) the run in ``run_dir`` for ``cfg`` measuring ``identity``; refuse if it holds another
+    run's results (a different result tree)."""
     run_dir = Path(run_dir)
-    store_path = run_dir / STORE_NAME
-    new_hash = result_hash(config)
-    store = ResultStore(store_path)
-    stored = store.get_meta("config")
-    # A store without units holds nothing to mix up: its config is simply replaced.
-    if stored is not None and result_hash(stored) != new_hash and len(store) > 0:
-        diff = differing_keys(stored, config)
+    new_tree = run_tree(cfg, identity)
+    new_hash = flat_hash(new_tree)
+    store = ResultStore(run_dir / STORE_NAME)
+    try:
+        # A store without units holds nothing to mix up: its config is simply replaced.
+        if store.get_meta("config") is not None and len(store) > 0:
+            stored_tree = stored_run_tree(store)
+            if flat_hash(stored_tree) != new_hash:
+                refuse_mixing(
+                    stored_tree, new_tree, error=ConfigMismatchError,
+                    problem=f"run directory {run_dir} holds results of a different config; refusing to mix them.",
+                    advice="Choose a fresh run directory (output.name NAME) or restore these values to resume.",
+                )
+        config = cfg.to_dict()
+        store.set_meta("config", config)
+        store.set_meta("config_hash", new_hash)
+        store.set_meta(IDENTITY_META, identity)
+    except BaseException:
         store.close()
-        lines = "\n".join(f"  {key}: {old!r} (stored) -> {new!r} (now)" for key, old, new in diff)
-        raise ConfigMismatchError(
-            f"run directory {run_dir} holds results of a different config; refusing to mix them.\n"
-            f"Result-affecting keys that differ:\n{lines}\n"
-            "Choose a fresh run directory (output.name NAME) or restore these values to resume."
-        )
-    store.set_meta("config", config)
-    store.set_meta("config_hash", new_hash)
+        raise
     write_run_metadata(run_dir, config)
     (run_dir / HASH_NAME).write_text(new_hash + "\n")
     return store

@@ -17,16 +17,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dent.attacks.config import check_eps
 from dent.attacks.registry import ATTACKS
-from dent.config import RunConfig
 from dent.defenses.config import DentConfig
 from dent.errors import ConfigError
-from dent.evaluation.rundir import LOG_NAME, open_run, result_hash
+from dent.evaluation.config import EvaluateConfig
+from dent.evaluation.rundir import LOG_NAME, open_run, run_hash
 from dent.evaluation.runlog import run_logging
 from dent.evaluation.store import STORE_NAME, ResultStore, UnitRecord
-from dent.evaluation.units import CLEAN, Unit, file_digest, plan_units
+from dent.evaluation.units import CLEAN, Unit, plan_units, repeat_context
+from dent.identity import data_digest, file_digest, model_identity
 from dent.runtime import resolve_device
+from dent.threat import check_eps
 
 log = logging.getLogger("dent.evaluation")
 
@@ -53,36 +54,75 @@ def default_defense_factory(model: nn.Module, config: DentConfig) -> nn.Module:
     return Dent(model, config)
 
 
-def load_model_from_config(cfg: RunConfig) -> nn.Module:
+def load_model_from_config(cfg: EvaluateConfig) -> nn.Module:
     from dent.models import load_model
 
     return load_model(
-        cfg.model.arch, threat_model=cfg.model.threat_model.value, model_dir=cfg.model.model_dir,
+        cfg.model.arch, threat_model=cfg.model.threat_model, model_dir=cfg.model.model_dir,
         checkpoint=cfg.model.checkpoint,
     )
 
 
-def load_data_from_config(cfg: RunConfig):
+def load_data_from_config(cfg: EvaluateConfig, subset_seed: int):
     from dent.data import load_subset
 
     return load_subset(
-        cfg.data.dataset, cfg.data.split, n=cfg.data.n_images, seed=cfg.data.seed,
+        cfg.data.dataset, cfg.data.split, n=cfg.data.n_images, seed=subset_seed,
         data_dir=cfg.data.dir, download=cfg.data.download,
     )
 
 
-def unit_context(cfg: RunConfig) -> dict[str, Any]:
-    """The model, data and seed identity that every unit key includes."""
-    model = {"arch": cfg.model.arch, "threat_model": cfg.model.threat_model.value}
+def subset_seeds(cfg: EvaluateConfig) -> list[int]:
+    """The subset seed of each repeat: ``data.seed + r`` with ``evaluation.repeat_subsets``, else ``data.seed``."""
+    step = 1 if cfg.evaluation.repeat_subsets else 0
+    return [cfg.data.seed + step * r for r in range(cfg.evaluation.repeats)]
+
+
+def evaluation_subsets(cfg: EvaluateConfig, data: Any = None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The images and labels evaluated, by subset seed: ``data`` (its first ``data.n_images``) or loaded."""
+    seeds = sorted(set(subset_seeds(cfg)))
+    if data is not None:
+        if len(seeds) > 1:
+            raise ConfigError(
+                "config key 'evaluation.repeat_subsets': each repeat draws its own subset from the data set, "
+                "which needs the data loaded from the config; set it to false when passing data in"
+            )
+        splits = {seeds[0]: data}
+    else:
+        splits = {seed: load_data_from_config(cfg, seed) for seed in seeds}
+    subsets = {}
+    for seed, split in splits.items():
+        images, labels = split.images, split.labels
+        if len(labels) < cfg.data.n_images:
+            raise ConfigError(f"config key 'data.n_images': {cfg.data.n_images} images requested but the split "
+                              f"has only {len(labels)}")
+        subsets[seed] = (images[: cfg.data.n_images], labels[: cfg.data.n_images])
+    return subsets
+
+
+def measured_identity(cfg: EvaluateConfig, model: Optional[nn.Module] = None,
+                      data: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> dict[str, dict[str, Any]]:
+    """The model and data measured, as unit keys include them and the store's meta ``identity`` records them.
+
+    Named models and data are identified by the config (a checkpoint also by its file digest); a ``model``
+    or ``data`` (images, labels) passed in is identified by the digest of its tensors.
+    """
+    ident_model: dict[str, Any] = {"arch": cfg.model.arch, "threat_model": cfg.model.threat_model.value}
     if cfg.model.checkpoint is not None:
         path = Path(cfg.model.checkpoint)
-        model["checkpoint"] = file_digest(path) if path.is_file() else str(path)
-    data = {"dataset": cfg.data.dataset, "split": cfg.data.split, "n_images": cfg.data.n_images,
-            "subset_seed": cfg.data.seed}
-    return {"model": model, "data": data, "seed": cfg.seed}
+        ident_model["checkpoint"] = file_digest(path) if path.is_file() else str(path)
+    if model is not None:
+        ident_model.update(model_identity(model))
+    ident_data: dict[str, Any] = {"dataset": cfg.data.dataset, "split": cfg.data.split,
+                                  "n_images": cfg.data.n_images, "subset_seed": cfg.data.seed}
+    if data is not None:
+        ident_data["digest"] = data_digest(*data)
+    return {"model": ident_model, "data": ident_data}
 
 
-def plan(cfg: RunConfig, n_images: int, image_dim: Optional[int] = None) -> list[Unit]:
+def plan(cfg: EvaluateConfig, identity: dict[str, dict[str, Any]], n_images: int,
+         image_dim: Optional[int] = None) -> list[Unit]:
+    """The units of ``cfg`` (this shard's share, every repeat) for the model and data ``identity``."""
     points = cfg.attack.points()
     if image_dim is not None:
         for point in points:
@@ -90,12 +130,13 @@ def plan(cfg: RunConfig, n_images: int, image_dim: Optional[int] = None) -> list
                 check_eps(point.norm, point.eps, dim=image_dim)
             except ValueError as exc:
                 raise ConfigError(f"config key 'attack.threats': {exc}") from None
+    contexts = [repeat_context(identity, cfg.seed, r, seed) for r, seed in enumerate(subset_seeds(cfg))]
     return plan_units(
         defenses=cfg.defenses,
         points=points,
         n_images=n_images,
         batch_sizes=list(cfg.evaluation.batch_sizes) or [cfg.data.batch_size],
-        context=unit_context(cfg),
+        contexts=contexts,
         clean=cfg.evaluation.clean,
         shard=cfg.evaluation.shard_index,
     )
@@ -169,7 +210,7 @@ def run_unit(unit: Unit, defended: nn.Module, images: torch.Tensor, labels: torc
 
 
 def evaluate(
-    cfg: RunConfig,
+    cfg: EvaluateConfig,
     *,
     model: Optional[nn.Module] = None,
     data: Any = None,
@@ -179,32 +220,28 @@ def evaluate(
     """Evaluate ``cfg``'s defenses on its model and data, resuming from the run directory's store.
 
     ``model`` (a static ``nn.Module``), ``data`` (an object with ``images`` and ``labels``) and
-    ``defense_factory`` replace loading them by name from the config.
+    ``defense_factory`` replace loading them by name from the config. A model or data passed in is part of
+    the run's identity (a digest of its tensors): it names the default run directory and keys every unit, so
+    results of different models or data never stand in for each other.
     """
     start = time.perf_counter()
     device = resolve_device(cfg.device)
-    run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir("evaluate")
-    config = cfg.to_dict()
-    chash = result_hash(config)
     # Everything that can fail on bad input runs before the run directory is created or touched.
-    if data is None:
-        data = load_data_from_config(cfg)
-    images, labels = data.images, data.labels
-    if len(labels) < cfg.data.n_images:
-        raise ConfigError(
-            f"config key 'data.n_images': {cfg.data.n_images} images requested but the split has only {len(labels)}"
-        )
-    images, labels = images[: cfg.data.n_images], labels[: cfg.data.n_images]
-    units = plan(cfg, len(labels), image_dim=int(images[0].numel()))
-    store = open_run(run_dir, config)
+    subsets = evaluation_subsets(cfg, data)
+    first = subsets[cfg.data.seed]
+    identity = measured_identity(cfg, model, first if data is not None else None)
+    chash = run_hash(cfg, identity)
+    run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir("evaluate", chash)
+    units = plan(cfg, identity, len(first[1]), image_dim=int(first[0][0].numel()))
+    store = open_run(run_dir, cfg, identity)
     try:
         with run_logging(run_dir / LOG_NAME):
-            return _evaluate(cfg, store, run_dir, chash, device, model, images, labels, units, defense_factory, start)
+            return _evaluate(cfg, store, run_dir, chash, device, model, subsets, units, defense_factory, start)
     finally:
         store.close()
 
 
-def _evaluate(cfg, store: ResultStore, run_dir, chash, device, model, images, labels, units, defense_factory,
+def _evaluate(cfg, store: ResultStore, run_dir, chash, device, model, subsets, units, defense_factory,
               start) -> EvaluationRun:
     log.info("evaluate: run %s, config hash %s, device %s, shard %s", run_dir, chash, device, cfg.evaluation.shard)
     done = store.done_keys()
@@ -229,7 +266,8 @@ def _evaluate(cfg, store: ResultStore, run_dir, chash, device, model, images, la
         if unit.defense not in defended:
             defended[unit.defense] = factory(model, unit.defense_config).to(device)
         t0 = time.perf_counter()
-        result = run_unit(unit, defended[unit.defense], images, labels, device=device, seed=cfg.seed,
+        images, labels = subsets[unit.context["data"]["subset_seed"]]
+        result = run_unit(unit, defended[unit.defense], images, labels, device=device, seed=unit.seed,
                           progress=cfg.evaluation.progress)
         seconds = time.perf_counter() - t0
         record = UnitRecord(

@@ -23,8 +23,8 @@ from dent.errors import ConfigError, DentError, UnknownNameError
 from dent.models.architectures import ARCHITECTURES, build_model, describe_architecture
 from dent.models.checkpoints import CheckpointNotFoundError, load_checkpoint
 from dent.registry import Registry
+from dent.threat import ThreatModel
 
-THREAT_MODELS = ("Linf", "L2")
 KINDS = ("shipped", "robustbench", "reference")
 
 
@@ -37,11 +37,12 @@ def resolve_model_dir(model_dir: str | os.PathLike | None = None) -> Path:
 
 
 def normalize_threat_model(threat_model: object) -> str:
-    value = getattr(threat_model, "value", threat_model)  # accepts dent.config.ThreatModel
-    for name in THREAT_MODELS:
-        if str(value).lower() == name.lower():
-            return name
-    raise ConfigError(f"unknown threat model {threat_model!r}; valid: {', '.join(THREAT_MODELS)}")
+    """The name (``Linf`` / ``L2``, the keys of :attr:`PretrainedModel.variants`) of a threat model given as a
+    :class:`~dent.threat.ThreatModel` or a string in any case."""
+    try:
+        return ThreatModel.parse(threat_model).value
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 class WeightsSource(Protocol):

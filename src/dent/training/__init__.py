@@ -1,7 +1,7 @@
 """Training: one loop (:mod:`.trainer`) shared by registered recipes (:mod:`.recipes`): nominal, PGD, TRADES,
 FGSM-RS, ALP and DYNAT, with per-epoch checkpoints, bit-for-bit resume on CPU, a JSON log and curves.
 
-This package's ``__init__`` stays light (``dent.config`` imports :mod:`dent.training.config`); the rest is
+This package's ``__init__`` stays light (the CLI imports :mod:`dent.training.config`); the rest is
 imported on first use: ``from dent.training import train, export_reference_checkpoint``.
 """
 

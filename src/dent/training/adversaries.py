@@ -15,14 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dent.attacks.ball import ascent_step, project, random_start
 from dent.errors import InvalidInputError
-from dent.attacks.config import Norm
+from dent.threat import ThreatModel
 from dent.training.config import BnMode
 
 #: loss(logits) -> scalar to *maximize*.
 AdvLoss = Callable[[torch.Tensor], torch.Tensor]
-
-_TINY = 1e-12
 
 
 @contextmanager
@@ -34,43 +33,6 @@ def model_mode(model: nn.Module, mode: BnMode | str) -> Iterator[nn.Module]:
         yield model
     finally:
         model.train(was_training)
-
-
-def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
-    """L2 norm of each sample, shaped [B, 1, 1, 1] for broadcasting."""
-    return t.flatten(1).norm(dim=1).clamp_min(_TINY).view(-1, *([1] * (t.dim() - 1)))
-
-
-def project(x: torch.Tensor, x_adv: torch.Tensor, norm: Norm | str, eps: float) -> torch.Tensor:
-    """Project ``x_adv`` onto the intersection of the eps-ball around ``x`` and the [0, 1] box."""
-    norm = Norm(norm)
-    if norm is Norm.LINF:
-        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
-    else:
-        delta = x_adv - x
-        delta = delta * torch.clamp(eps / _per_sample_norm(delta), max=1.0)
-        x_adv = x + delta
-    # Clipping to the box moves each coordinate towards x, so it never leaves the ball again.
-    return x_adv.clamp(0.0, 1.0)
-
-
-def random_start(x: torch.Tensor, norm: Norm | str, eps: float, generator: torch.Generator | None) -> torch.Tensor:
-    """A random point of the eps-ball around ``x`` (Linf: uniform per pixel; L2: random direction, radius U(0, eps))."""
-    norm = Norm(norm)
-    if norm is Norm.LINF:
-        noise = (torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu") * 2 - 1) * eps
-    else:
-        direction = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu")
-        radius = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, dtype=x.dtype, device="cpu")
-        noise = direction / _per_sample_norm(direction) * radius * eps
-    return project(x, x + noise.to(x.device), norm, eps)
-
-
-def ascent_step(grad: torch.Tensor, norm: Norm, step: float) -> torch.Tensor:
-    """The steepest-ascent move of length ``step`` for the norm: sign for Linf, normalized gradient for L2."""
-    if norm is Norm.LINF:
-        return step * grad.sign()
-    return step * grad / _per_sample_norm(grad)
 
 
 def check_inputs(x: torch.Tensor, eps: float, step: float, steps: int) -> None:
@@ -85,7 +47,7 @@ def perturb(
     x: torch.Tensor,
     loss_fn: AdvLoss,
     *,
-    norm: Norm | str,
+    norm: ThreatModel | str,
     eps: float,
     step: float,
     steps: int,
@@ -93,7 +55,6 @@ def perturb(
     bn_mode: BnMode | str = BnMode.EVAL,
 ) -> torch.Tensor:
     """Projected gradient *ascent* on ``loss_fn(model(x_adv))`` from ``start`` (default ``x``)."""
-    norm = Norm(norm)
     check_inputs(x, eps, step, steps)
     x = x.detach()
     x_adv = (x if start is None else start).detach().clone()
@@ -116,7 +77,7 @@ def pgd_examples(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    norm: Norm | str = Norm.LINF,
+    norm: ThreatModel | str = ThreatModel.LINF,
     eps: float = 8 / 255,
     step: float = 2 / 255,
     steps: int = 10,
@@ -135,7 +96,7 @@ def fgsm_rs_examples(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    norm: Norm | str = Norm.LINF,
+    norm: ThreatModel | str = ThreatModel.LINF,
     eps: float = 8 / 255,
     step_scale: float = 1.25,
     generator: torch.Generator | None = None,
@@ -152,7 +113,7 @@ def trades_examples(
     model: nn.Module,
     x: torch.Tensor,
     *,
-    norm: Norm | str = Norm.LINF,
+    norm: ThreatModel | str = ThreatModel.LINF,
     eps: float = 8 / 255,
     step: float = 2 / 255,
     steps: int = 10,

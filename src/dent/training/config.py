@@ -1,7 +1,7 @@
-"""The ``train`` config section: recipe, optimization, threat model of the training adversary, evaluation.
+"""The config of ``dent train``: the ``train`` section (recipe, optimization, the training adversary, evaluation)
+and :class:`TrainConfig`, which composes it with the architecture, the data source and the seed.
 
-Composed into the root :class:`dent.config.RunConfig` as ``cfg.train``; every key can be set from a YAML
-file (``cfgs/train/*.yaml``) or on the command line (``train.attack.eps 8/255``).
+Every key can be set from a YAML file (``cfgs/train/*.yaml``) or on the command line (``train.attack.eps 8/255``).
 """
 
 from __future__ import annotations
@@ -11,17 +11,14 @@ from typing import Annotated, Optional
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from dent.attacks.config import Norm
-from dent.attacks.config import check_eps as check_threat_eps
-from dent.confbase import PixelFloat, Section
+from dent.confbase import NON_RESULT, Section, config_hash
+from dent.identity import result_tree
+from dent.sections import ArchSection, CommandConfig, DataSourceSection, DeviceName
+from dent.threat import CIFAR_INPUT_DIM, PixelFloat, ThreatModel, check_eps
 
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 Fraction01 = Annotated[float, Field(ge=0, le=1)]
-
-#: Values per input image (CIFAR: 3 x 32 x 32), bounding the L2 radius by the diameter of the [0, 1] box.
-INPUT_DIM = 3 * 32 * 32
-
 
 class BnMode(str, Enum):
     """The mode a model is put in while adversarial training examples are generated against it."""
@@ -37,20 +34,15 @@ class Schedule(str, Enum):
     CONSTANT = "constant"
 
 
-def check_eps(norm: Norm, eps: float) -> None:
-    """Raise ``ValueError`` (reported as a :class:`~dent.errors.ConfigError` naming the key) when out of range."""
-    check_threat_eps(Norm(norm), eps, INPUT_DIM)
-
-
-def default_step(norm: Norm, eps: float) -> float:
+def default_step(norm: ThreatModel, eps: float) -> float:
     """The usual PGD step: eps/4 for Linf (2/255 at 8/255), eps/5 for L2 (0.1 at 0.5)."""
-    return eps / 4 if norm is Norm.LINF else eps / 5
+    return eps / 4 if norm is ThreatModel.LINF else eps / 5
 
 
 class TrainAttackSection(Section):
     """The adversary that makes training examples (PGD, FGSM, TRADES, ALP, DYNAT)."""
 
-    norm: Norm = Norm.LINF
+    norm: ThreatModel = ThreatModel.LINF
     eps: PixelFloat = 8 / 255
     step: Optional[PixelFloat] = None  # default: eps/4 (Linf) or eps/5 (L2)
     steps: Annotated[int, Field(ge=1, le=1000)] = 10
@@ -62,7 +54,7 @@ class TrainAttackSection(Section):
     @classmethod
     def _eps_in_range(cls, value: float, info: ValidationInfo) -> float:
         if "norm" in info.data:
-            check_eps(info.data["norm"], value)
+            check_eps(info.data["norm"], value, CIFAR_INPUT_DIM)
         return value
 
     @field_validator("step")
@@ -81,7 +73,7 @@ class EvalSection(Section):
     """Per-epoch clean and PGD accuracy on the held-out images carved from the training split."""
 
     every: Annotated[int, Field(ge=0)] = 1  # epochs between evaluations (the last epoch always); 0: only the last
-    norm: Optional[Norm] = None  # default: train.attack.norm
+    norm: Optional[ThreatModel] = None  # default: train.attack.norm
     eps: Optional[PixelFloat] = None  # default: train.attack.eps
     step: Optional[PixelFloat] = None  # default: eps/4 (Linf) or eps/5 (L2)
     steps: Annotated[int, Field(ge=1, le=1000)] = 10
@@ -139,8 +131,8 @@ class TrainSection(Section):
     alp: AlpSection = AlpSection()
     dynat: DynatSection = DynatSection()
     early_stop: EarlyStopSection = EarlyStopSection()
-    resume: bool = False  # continue from the run directory's checkpoint (same as --resume)
-    progress: bool = True  # tqdm progress bars
+    resume: Annotated[bool, NON_RESULT] = False  # continue from the run directory's checkpoint (same as --resume)
+    progress: Annotated[bool, NON_RESULT] = True  # tqdm progress bars
 
     @field_validator("recipe")
     @classmethod
@@ -154,7 +146,7 @@ class TrainSection(Section):
     @model_validator(mode="after")
     def _eval_eps_in_range(self) -> "TrainSection":
         try:
-            check_eps(self.eval_norm, self.eval_eps)
+            check_eps(self.eval_norm, self.eval_eps, CIFAR_INPUT_DIM)
         except ValueError as exc:
             raise ValueError(f"eval.eps: {exc}") from None
         if self.eval.step is not None and not self.eval.step > 0:
@@ -162,7 +154,7 @@ class TrainSection(Section):
         return self
 
     @property
-    def eval_norm(self) -> Norm:
+    def eval_norm(self) -> ThreatModel:
         return self.eval.norm or self.attack.norm
 
     @property
@@ -174,5 +166,20 @@ class TrainSection(Section):
         return self.eval.step if self.eval.step is not None else default_step(self.eval_norm, self.eval_eps)
 
 
-#: Keys of ``train`` that do not change what is trained (excluded from the training config hash).
-VOLATILE_TRAIN_KEYS = ("resume", "progress")
+class TrainConfig(CommandConfig):
+    """The config of ``dent train``; its result tree (the *training config*) names the run and guards resume."""
+
+    model: ArchSection = ArchSection()
+    data: DataSourceSection = DataSourceSection()  # its train split
+    train: TrainSection = TrainSection()
+    device: Annotated[DeviceName, NON_RESULT] = "auto"
+    seed: int = 0
+
+    # The former all-commands config's keys that training never read.
+    legacy_keys = ("defenses", "attack", "evaluation", "bench", "model.threat_model", "model.model_dir",
+                   "model.checkpoint", "data.split", "data.n_images", "data.seed", "data.batch_size")
+
+    def result_hash(self) -> str:
+        """The training hash: of the nested result tree (not flattened like evaluation hashes), as always, so
+        checkpoints and run directories of earlier runs keep theirs."""
+        return config_hash(result_tree(self))

@@ -26,16 +26,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dent.attacks.config import format_eps
-from dent.config import RunConfig
-from dent.confbase import config_hash
 from dent.data.split import Split
 from dent.errors import ConfigError, CorruptFileError, DentError
+from dent.identity import refuse_mixing, result_tree
 from dent.provenance import machine_description, write_run_metadata
 from dent.runtime import resolve_device
 from dent.training.adversaries import model_mode
 from dent.training.augment import random_crop_flip
-from dent.training.config import VOLATILE_TRAIN_KEYS, BnMode, Schedule, TrainSection
+from dent.threat import format_eps
+from dent.training.config import BnMode, Schedule, TrainConfig, TrainSection
 from dent.training.curves import plot_curves, write_history
 from dent.training.recipes import RECIPES, ModelBuilder, Recipe, StepContext
 
@@ -58,42 +57,18 @@ class TrainingError(DentError):
 # Config identity
 
 
-def training_config(cfg: RunConfig) -> dict[str, Any]:
-    """The part of the run config that decides what is trained (its hash names the run and guards resume)."""
-    data = cfg.to_dict()
-    train = {k: v for k, v in data["train"].items() if k not in VOLATILE_TRAIN_KEYS}
-    return {"model": {"arch": data["model"]["arch"]}, "data": {"dataset": data["data"]["dataset"]},
-            "seed": data["seed"], "train": train}
+def training_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The part of the config that decides what is trained (its hash names the run and guards resume)."""
+    return result_tree(cfg)
 
 
-def training_hash(cfg: RunConfig) -> str:
-    return config_hash(training_config(cfg))
+def training_hash(cfg: TrainConfig) -> str:
+    return cfg.result_hash()
 
 
-def training_run_dir(cfg: RunConfig) -> Path:
-    """``output.root / output.name``, default ``output.root / train-<hash of the training config>``."""
-    return cfg.output.root / (cfg.output.name or f"train-{training_hash(cfg)[:8]}")
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    a, b = flatten(old), flatten(new)
-    missing = object()
-    return [
-        f"{key}: {a.get(key, '<absent>')!r} in the checkpoint, {b.get(key, '<absent>')!r} now"
-        for key in sorted(a.keys() | b.keys())
-        if a.get(key, missing) != b.get(key, missing)
-    ]
+def training_run_dir(cfg: TrainConfig) -> Path:
+    """``output.root / output.name``, default ``output.root / train-<training hash[:8]>``."""
+    return cfg.run_dir("train")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -131,7 +106,7 @@ def carve_holdout(full: Split, train_cfg: TrainSection) -> TrainData:
     return TrainData(train=full.subset(rest), holdout=full.subset(hold))
 
 
-def prepare_data(cfg: RunConfig) -> TrainData:
+def prepare_data(cfg: TrainConfig) -> TrainData:
     from dent.data import load_split
 
     full = load_split(cfg.data.dataset, "train", data_dir=cfg.data.dir, download=cfg.data.download)
@@ -274,7 +249,7 @@ class Trainer:
 
     def __init__(
         self,
-        cfg: RunConfig,
+        cfg: TrainConfig,
         data: TrainData,
         *,
         run_dir: Path | None = None,
@@ -349,12 +324,11 @@ class Trainer:
 
     def _restore(self, ckpt: dict[str, Any], source: Path) -> None:
         if ckpt.get("config_hash") != self.hash:
-            diffs = config_differences(ckpt.get("config", {}), training_config(self.cfg))
-            shown = "\n  ".join(diffs) if diffs else "(no key differs; the checkpoint's hash is stale)"
-            raise ResumeError(
-                f"cannot resume from {str(source)!r}: it was written by another training config "
-                f"(hash {str(ckpt.get('config_hash'))[:8]}, expected {self.hash[:8]}); differing keys:\n  {shown}\n"
-                "resume with the same config, or start a new run (another output.name)"
+            refuse_mixing(
+                ckpt.get("config", {}), training_config(self.cfg), error=ResumeError,
+                problem=f"cannot resume from {str(source)!r}: it was written by another training config "
+                        f"(hash {str(ckpt.get('config_hash'))[:8]}, expected {self.hash[:8]}).",
+                advice="Resume with the same config, or start a new run (another output.name).",
             )
         self.model.load_state_dict(ckpt["model"])
         for name, module in self.extras.items():
@@ -598,7 +572,7 @@ def _summary(entry: dict[str, Any]) -> str:
 
 
 def train(
-    cfg: RunConfig,
+    cfg: TrainConfig,
     *,
     until_epoch: int | None = None,
     resume: bool | str | Path | None = None,

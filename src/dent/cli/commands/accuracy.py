@@ -10,15 +10,16 @@ from dent.data import load_subset
 from dent.evaluation.accuracy import clean_accuracy
 from dent.models import load_model
 from dent.runtime import resolve_device
+from dent.sections import ModelDataConfig
 
 
-@command("accuracy", "clean accuracy of a named model on N class-stratified test images")
+@command("accuracy", "clean accuracy of a named model on N class-stratified test images", config=ModelDataConfig)
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     device = resolve_device(cfg.device)
     model = load_model(
         cfg.model.arch,
-        threat_model=cfg.model.threat_model.value,
+        threat_model=cfg.model.threat_model,
         model_dir=cfg.model.model_dir,
         checkpoint=cfg.model.checkpoint,
     )

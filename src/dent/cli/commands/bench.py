@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from dent.benchmark.config import BenchConfig
 from dent.benchmark.runner import Bench, format_table
 from dent.cli.command import command, config_from_args, prepare_run_dir
 
 
-@command("bench", "time dent against the static model, its (2K+1)-forward floor and a naive reference")
+@command("bench", "time dent against the static model, its (2K+1)-forward floor and a naive reference",
+         config=BenchConfig)
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     run_dir = prepare_run_dir(cfg, "bench")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from dent.cli.command import command
-from dent.config import load_config
+from dent.cli.command import command, config_from_args
+from dent.evaluation.config import EvaluateConfig
 from dent.evaluation.mainjob import main_job
 from dent.evaluation.report import main_table, settings_text, write_report
 from dent.evaluation.rundir import REPORT_DIR
@@ -27,9 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     "evaluate",
     "clean and robust accuracy of defenses under AutoAttack or PGD; resumable, sharded, with a report",
     add_arguments,
+    config=EvaluateConfig,
 )
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.cfg, args.overrides, file_defaults=None if args.cfg else main_job())
+    cfg = config_from_args(args, file_defaults=None if args.cfg else main_job())
     result = evaluate(cfg)
     print(f"{result.n_run} unit(s) run, {result.n_skipped} resumed from the store, {result.seconds:.0f} s")
     if cfg.evaluation.report:

@@ -6,9 +6,10 @@ import argparse
 
 from dent.cli.command import command, config_from_args
 from dent.models import list_models
+from dent.sections import ModelDataConfig
 
 
-@command("models", "list architectures and named models, and which are available offline")
+@command("models", "list architectures and named models, and which are available offline", config=ModelDataConfig)
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     rows = list_models(model_dir=cfg.model.model_dir)

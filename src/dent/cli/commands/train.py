@@ -6,6 +6,7 @@ import argparse
 import shlex
 
 from dent.cli.command import add_config_arguments, command, config_from_args
+from dent.training.config import TrainConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +47,8 @@ def command_line(args: argparse.Namespace) -> str:
     return shlex.join(words)
 
 
-@command("train", "train a model with a recipe: nominal, pgd, trades, fgsm_rs, alp, dynat (resumable)", add_arguments)
+@command("train", "train a model with a recipe: nominal, pgd, trades, fgsm_rs, alp, dynat (resumable)", add_arguments,
+         config=TrainConfig)
 def run(args: argparse.Namespace) -> int:
     from dent.training.export import export_reference_checkpoint
     from dent.training.trainer import train

@@ -1,0 +1,134 @@
+"""What every command's config shares: the model, the data, where outputs go, and the loading of a config.
+
+Each command has its own config class, next to the code it configures (``dent.evaluation.config.EvaluateConfig``,
+``dent.training.config.TrainConfig``, ``dent.benchmark.config.BenchConfig``; :class:`ModelDataConfig` here for
+``dent accuracy`` and ``dent models``), composed of these sections and its own. A config is resolved from
+defaults <- ``--cfg`` YAML <- ``KEY VALUE`` overrides and validated once; its result tree
+(:mod:`dent.identity`) names its default run directory ``<command>-<result hash[:8]>``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Iterable, Optional, TypeVar
+
+from pydantic import AfterValidator, Field
+
+from dent.confbase import NON_RESULT, Section, deep_merge, parse_overrides, read_yaml, validated
+from dent.identity import flat_hash, result_tree
+from dent.runtime import DEVICE_CHOICES
+from dent.threat import ThreatModel
+
+
+def known_device(value: str) -> str:
+    if value not in DEVICE_CHOICES and not value.startswith("cuda:"):
+        raise ValueError(f"expected one of {', '.join(DEVICE_CHOICES)} or cuda:N")
+    return value
+
+
+#: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (see :func:`dent.runtime.resolve_device`).
+DeviceName = Annotated[str, AfterValidator(known_device)]
+
+
+class ArchSection(Section):
+    arch: str = "autoattack_resnet18"  # a name from `dent models`: an architecture or a named model
+
+
+class ModelSection(ArchSection):
+    """A model with weights: a named model, or an architecture and a checkpoint."""
+
+    threat_model: ThreatModel = ThreatModel.LINF  # selects RobustBench checkpoints (MODEL_DIR/cifar10/<Linf|L2>/)
+    # where named checkpoints live; default $DENT_MODEL_DIR or ./models
+    model_dir: Annotated[Optional[Path], NON_RESULT] = None
+    checkpoint: Optional[Path] = None  # explicit checkpoint for an architecture name
+
+
+class DataSourceSection(Section):
+    """Where a data set is read from."""
+
+    dataset: str = "cifar10"
+    dir: Annotated[Optional[Path], NON_RESULT] = None  # default: $DENT_DATA, ../shared/data, ./data
+    # fetch from the official source (with checksum) when not found locally
+    download: Annotated[bool, NON_RESULT] = False
+
+
+class DataSection(DataSourceSection):
+    """A class-stratified subset of a split, in batches."""
+
+    split: str = "test"
+    n_images: Annotated[int, Field(ge=1)] = 1000
+    seed: int = 0  # seed of the class-stratified subset
+    batch_size: Annotated[int, Field(ge=1)] = 128
+
+
+class OutputSection(Section):
+    root: Path = Path("runs")
+    name: Optional[str] = None  # run directory name; default <command>-<result hash[:8]>
+
+
+ConfigT = TypeVar("ConfigT", bound="CommandConfig")
+
+
+class CommandConfig(Section):
+    """Base of a command's config: where its outputs go, how it is loaded and how its run directory is named."""
+
+    output: Annotated[OutputSection, NON_RESULT] = OutputSection()
+
+    #: Sections that a config file replaces as a whole instead of merging into the defaults (named lists).
+    replaced_whole: ClassVar[frozenset[str]] = frozenset()
+    #: Dotted keys of the former all-commands config that this command does not have. Configs written by it
+    #: (``config.yaml`` files, stored run configs) still load: these keys are dropped from them.
+    legacy_keys: ClassVar[tuple[str, ...]] = ()
+
+    def result_hash(self) -> str:
+        return flat_hash(result_tree(self))
+
+    def run_dir(self, command: str, result_hash: str | None = None) -> Path:
+        """``output.root / output.name``, default ``output.root / <command>-<result hash[:8]>``.
+
+        ``result_hash`` replaces this config's own when the run's identity covers more (e.g. a model passed in).
+        """
+        return self.output.root / (self.output.name or f"{command}-{(result_hash or self.result_hash())[:8]}")
+
+    @classmethod
+    def load(cls: type[ConfigT], cfg_file: str | Path | None = None, overrides: Iterable[str] = (),
+             file_defaults: dict[str, Any] | None = None) -> ConfigT:
+        """Resolve a config: defaults, then the YAML file, then ``KEY VALUE`` / ``KEY=VALUE`` overrides.
+
+        ``file_defaults`` stands in for the YAML file when none is given (a command's built-in job).
+        """
+        data = cls().to_dict()
+        file_data = cls.without_legacy_keys(read_yaml(cfg_file) if cfg_file is not None else dict(file_defaults or {}))
+        for key in cls.replaced_whole & file_data.keys():
+            data[key] = {}
+        data = deep_merge(deep_merge(data, file_data), parse_overrides(overrides))
+        return validated(cls, data)
+
+    @classmethod
+    def from_stored(cls: type[ConfigT], data: dict[str, Any]) -> ConfigT:
+        """Validate a config stored by an earlier run (its legacy keys dropped)."""
+        return validated(cls, cls.without_legacy_keys(data))
+
+    @classmethod
+    def without_legacy_keys(cls, data: dict[str, Any]) -> dict[str, Any]:
+        out = dict(data)
+        for dotted in cls.legacy_keys:
+            *parents, leaf = dotted.split(".")
+            node = out
+            for part in parents:
+                if not isinstance(node.get(part), dict):
+                    break
+                node[part] = node = dict(node[part])
+            else:
+                node.pop(leaf, None)
+        return out
+
+
+class ModelDataConfig(CommandConfig):
+    """``dent accuracy`` and ``dent models``: a model and a data subset."""
+
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    device: Annotated[DeviceName, NON_RESULT] = "auto"
+
+    legacy_keys = ("defenses", "attack", "evaluation", "train", "bench", "seed")
