@@ -32,7 +32,7 @@ MAIN_JOB: dict[str, Any] = {
 
 
 def main_job() -> dict[str, Any]:
-    """A fresh copy of :data:`MAIN_JOB` (a config-file-like dict for :func:`dent.config.load_config`)."""
+    """A fresh copy of :data:`MAIN_JOB` (a config-file-like dict for :meth:`dent.evaluation.config.EvaluateConfig.load`)."""
     import copy
 
     return copy.deepcopy(MAIN_JOB)
