@@ -87,7 +87,7 @@ def test_run_directory_is_named_by_the_result_hash(finished):
 
 def test_result_key_change_gets_its_own_run_or_is_refused_by_name(finished, net, data):
     root, first = finished
-    other = evaluate(config(root, "defenses.dent.steps", "2", "attack.n_iter", "1"), model=net, data=data)
+    other = evaluate(config(root, "defenses.dent.steps", "2"), model=net, data=data)
     assert other.run_dir != first.run_dir and other.n_run == UNITS_PER_REPEAT
     with pytest.raises(ConfigMismatchError, match=r"defenses\.dent\.lr: 0\.01 \(stored\) -> 0\.02 \(now\)"):
         evaluate(config(root, "defenses.dent.lr", "0.02"), model=net, data=data, run_dir=first.run_dir)
@@ -178,3 +178,13 @@ def test_configs_of_the_former_all_commands_config_still_load(tmp_path):
     assert EvaluateConfig.load(path) == config("runs")
     with pytest.raises(ConfigError, match="unknown config key 'train'"):
         EvaluateConfig.load(None, ["train.recipe", "pgd"])  # typed on the command line: an error
+
+
+def test_a_stored_config_that_does_not_validate_is_refused_clearly(finished, net, data, tmp_path):
+    _, first = finished
+    run_dir = tmp_path / "copy"
+    shutil.copytree(first.run_dir, run_dir)
+    with ResultStore(run_dir / "results.sqlite") as store:
+        store.set_meta("config", store.get_meta("config") | {"surprise": 1})
+    with pytest.raises(ConfigMismatchError, match="(?s)not one this version can read.*unknown config key 'surprise'"):
+        evaluate(config("runs"), model=net, data=data, run_dir=run_dir)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NoReturn
 
 from dent.confbase import DROP_KEY, NON_RESULT, Section, config_hash
 from dent.errors import DentError
@@ -48,7 +48,7 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any
 
 
 def refuse_mixing(stored: dict[str, Any], new: dict[str, Any], *, error: type[DentError], problem: str,
-                  advice: str) -> None:
+                  advice: str) -> NoReturn:
     """Raise ``error`` listing the result keys in which ``stored`` and ``new`` (result trees) differ.
 
     Called when their hashes differ; if no key differs (a stale stored hash), that is said instead.

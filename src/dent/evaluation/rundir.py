@@ -68,7 +68,10 @@ def run_hash(cfg: EvaluateConfig, identity: dict[str, Any]) -> str:
 
 def stored_run_tree(store: ResultStore) -> dict[str, Any]:
     """The result tree of the run a store holds, from its stored config (re-validated) and identity."""
-    cfg = EvaluateConfig.from_stored(store.get_meta("config"))
+    try:
+        cfg = EvaluateConfig.from_stored(store.get_meta("config"))
+    except ConfigError as exc:
+        raise ConfigMismatchError(f"the config stored in {store.path} is not one this version can read: {exc}") from None
     return run_tree(cfg, store.get_meta(IDENTITY_META) or {})
 
 
