@@ -17,12 +17,12 @@ CFGS = Path(__file__).resolve().parents[1] / "cfgs"
 def test_unknown_objective_and_optimizer_list_valid_names():
     with pytest.raises(ValidationError, match=r"unknown objective 'entropi' \(did you mean entropy\?\); valid names: entropy, infomax"):
         DentConfig(objective="entropi")
-    with pytest.raises(ValidationError, match=r"unknown optimizer 'adamw'.*valid names: adam, adamod, sgd"):
+    with pytest.raises(ValidationError, match=r"unknown optimizer 'adamw'.*valid names: adam, adamod, adamod_official, sgd"):
         DentConfig(optimizer="adamw")
 
 
 def test_bad_name_from_a_config_override_names_the_key():
-    with pytest.raises(ConfigError, match=r"defenses\.dent\.optimizer.*valid names: adam, adamod, sgd"):
+    with pytest.raises(ConfigError, match=r"defenses\.dent\.optimizer.*valid names: adam, adamod, adamod_official, sgd"):
         EvaluateConfig.load(None, ["defenses.dent.optimizer", "rmsprop"])
 
 
@@ -58,8 +58,9 @@ def test_dent_config_is_the_papers_batch_wise_setting():
 
 def test_dent_plus_config_is_the_official_repositorys_setting():
     d = EvaluateConfig.load(CFGS / "dent_plus.yaml").defenses["dent_plus"]
-    assert (d.affine, d.objective, d.optimizer, d.episodic) == (AffineMode.SAMPLE, "infomax", "adamod", True)
+    assert (d.affine, d.objective, d.optimizer, d.episodic) == (AffineMode.SAMPLE, "shot", "adamod_official", True)
     assert (d.lr, d.betas, d.beta3, d.steps, d.weight_decay) == (6e-3, (0.99, 0.999), 0.6, 6, 0.0)
+    assert (d.sample_grad.value, d.bn_arithmetic.value, d.stats.value) == ("batch_mean", "folded", "fixed")
 
 
 def test_dent_input_config_adapts_model_and_input_batch_wise():

@@ -9,7 +9,7 @@ from torch import nn
 
 from dent.defenses import Dent, DentConfig
 from dent.defenses.differentiable import DifferentiableDent, functional_rule, safe_sqrt, shortened
-from dent.defenses.optim import AdaMod
+from dent.defenses.optim import AdaMod, PackageAdaMod
 from dent.errors import InvalidInputError
 from test_defense_dent import batch, tiny_net
 
@@ -20,11 +20,14 @@ from test_defense_dent import batch, tiny_net
 OPTIMIZERS = {
     "adam": dict(optimizer="adam", lr=0.05, sigma_lr=0.25),
     "adamod": dict(optimizer="adamod", lr=0.05, beta3=0.5, sigma_lr=0.25),
+    "adamod_official": dict(optimizer="adamod_official", lr=0.05, beta3=0.5, sigma_lr=0.25),
     "sgd": dict(optimizer="sgd", lr=20.0, momentum=0.9, sigma_lr=30.0),
 }
 TARGETS = {
     "delta-batch": dict(affine="batch"),
     "delta-sample": dict(affine="sample", objective="infomax"),
+    # the official dent+'s gradients and arithmetic (preset dent_plus_official)
+    "delta-sample-official": dict(affine="sample", objective="shot", sample_grad="batch_mean", bn_arithmetic="folded"),
     "sigma-batch": dict(affine="none", input="batch"),
     "sigma-sample": dict(affine="none", input="sample", stats="batch"),
 }
@@ -153,6 +156,7 @@ def test_nothing_to_adapt_is_the_plain_forward():
 @pytest.mark.parametrize("make, kwargs", [
     (torch.optim.Adam, dict(lr=0.01, betas=(0.8, 0.9), weight_decay=0.1)),
     (AdaMod, dict(lr=0.01, betas=(0.8, 0.9), beta3=0.7, weight_decay=0.1)),
+    (PackageAdaMod, dict(lr=0.01, betas=(0.8, 0.9), beta3=0.7, weight_decay=0.1)),
     (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.1)),
     (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, dampening=0.0)),
     (torch.optim.SGD, dict(lr=0.1)),

@@ -49,3 +49,21 @@ def test_infomax_prefers_diverse_batches():
 def test_unknown_objective_lists_valid_names():
     with pytest.raises(UnknownNameError, match=r"did you mean entropy.*valid names: entropy, infomax"):
         OBJECTIVES.get("entropi")
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_shot_is_the_official_loss_with_its_constant(weight):
+    z = logits()
+    p = z.softmax(dim=1)
+    mean = p.mean(dim=0)
+    # DequanWang/dent's shot(): -sum(p log(p + 1e-5), 1).mean(0) + sum(pm log(pm + 1e-5)), diversity weighted
+    expected = -(p * torch.log(p + 1e-5)).sum(dim=1).mean() + weight * (mean * torch.log(mean + 1e-5)).sum()
+    got = OBJECTIVES.get("shot")(z, DentConfig(objective="shot", diversity_weight=weight))
+    torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)
+
+
+def test_shot_differs_from_the_exact_log_infomax_by_its_constant():
+    z = logits()
+    config = DentConfig(diversity_weight=1.0)
+    gap = (OBJECTIVES.get("shot")(z, config) - OBJECTIVES.get("infomax")(z, config)).abs().item()
+    assert 1e-8 < gap < 1e-3

@@ -1,6 +1,6 @@
 """The naive reference: dent written the straightforward way, timed beside :class:`~dent.defenses.Dent`.
 
-Same semantics as ``Dent`` (same objective, optimizer, per-input gradient scaling, initial values and
+Same semantics as ``Dent`` (same objective, optimizer, per-input gradients (``sample_grad``), initial values and
 statistics), so its outputs match up to float rounding; but every call pays what a first implementation
 typically pays:
 
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from dent.defenses.bn import BATCH_NORMS
 from dent.defenses.blur import gaussian_blur
-from dent.defenses.config import AffineMode, DentConfig, InputMode, StatsMode
+from dent.defenses.config import AffineMode, DentConfig, InputMode, SampleGrad, StatsMode
 from dent.defenses.objectives import OBJECTIVES
 from dent.defenses.optim import OPTIMIZERS
 
@@ -69,6 +69,7 @@ class NaiveDent(nn.Module):
         cfg = self.config
         model = copy.deepcopy(self.model).eval()  # a fresh copy per call: nothing to restore afterwards
         per_input = len(x) if cfg.affine is AffineMode.SAMPLE else None
+        own_term = cfg.sample_grad is SampleGrad.OWN_TERM  # per-input gradients scaled by the batch size
         learns = cfg.steps > 0
         params, replaced = [], {}
         for parent in list(model.modules()):
@@ -81,7 +82,7 @@ class NaiveDent(nn.Module):
                         norm = _NaiveNorm(child, per_input if adapted else None, cfg.stats is StatsMode.BATCH, adapted)
                         if adapted:
                             params += [norm.weight, norm.bias]
-                            if per_input is not None:
+                            if per_input is not None and own_term:
                                 for p in (norm.weight, norm.bias):
                                     p.register_hook(lambda g, b=len(x): g * b)
                         replaced[child] = norm
@@ -95,7 +96,7 @@ class NaiveDent(nn.Module):
             sigma_param = nn.Parameter(torch.full(shape, raw, dtype=x.dtype, device=x.device))
             if not (learns and cfg.input in (InputMode.BATCH, InputMode.SAMPLE)):
                 sigma_param.requires_grad_(False)
-            elif cfg.input is InputMode.SAMPLE:
+            elif cfg.input is InputMode.SAMPLE and own_term:
                 sigma_param.register_hook(lambda g, b=len(x): g * b)
 
         def logits(inputs: Tensor) -> Tensor:

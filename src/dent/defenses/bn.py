@@ -30,12 +30,18 @@ class AdaptiveBatchNorm(nn.Module):
     planes of the input viewed as one sample, else a broadcast over [B, C, 1, 1]). Statistics are the
     norm's running estimates or, with ``batch_stats`` (or for a norm that tracks none), estimates on the
     current batch: ``F.batch_norm`` in training mode *without* running buffers, so nothing is written back.
+
+    ``folded``: per-input affine on fixed statistics computed as the official dent+ code does, the
+    statistics folded into one scale and shift per input (``x * scale + shift``, ``scale = w / sqrt(var +
+    eps)``, ``shift = b - mean * scale``). The same function, but other float rounding, which dent+'s steps
+    amplify (see ``DentConfig.bn_arithmetic``).
     """
 
-    def __init__(self, norm: nn.Module, batch_stats: bool):
+    def __init__(self, norm: nn.Module, batch_stats: bool, folded: bool = False):
         super().__init__()
         self.norm = norm
         self.batch_stats = batch_stats
+        self.folded = folded
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
         self._repeats: tuple | None = None  # see _repeated_stats
@@ -65,6 +71,11 @@ class AdaptiveBatchNorm(nn.Module):
         bias = norm.bias if self.bias is None else self.bias
         if weight is None or weight.dim() == 1:
             return F.batch_norm(x, mean, var, weight, bias, batch_stats, 0.0, norm.eps)
+        shape = weight.shape + (1,) * (x.dim() - 2)
+        if not batch_stats and self.folded:
+            scale = weight * (var + norm.eps).rsqrt()
+            shift = bias - mean * scale
+            return x * scale.view(shape) + shift.view(shape)
         if not batch_stats and x.is_contiguous():
             # Per-input affine, fixed statistics: [B, C, ...] viewed as [1, B*C, ...] is a BatchNorm over B*C
             # channels with per-(input, channel) affine, one fused kernel forward and backward instead of a
@@ -76,7 +87,6 @@ class AdaptiveBatchNorm(nn.Module):
             )
             return out.view_as(x)
         normalized = F.batch_norm(x, mean, var, None, None, batch_stats, 0.0, norm.eps)
-        shape = weight.shape + (1,) * (x.dim() - 2)
         return torch.addcmul(bias.view(shape), normalized, weight.view(shape))
 
 

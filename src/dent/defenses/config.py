@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from dent.confbase import OMITTED_AT_DEFAULT, Section
+from dent.confbase import NON_RESULT, OMITTED_AT_DEFAULT, Section
 from dent.defenses.objectives import OBJECTIVES
 from dent.defenses.optim import OPTIMIZERS
+from dent.defenses.presets import PRESETS
 
 
 class AffineMode(str, Enum):
@@ -36,14 +37,45 @@ class InputMode(str, Enum):
     SAMPLE = "sample"  # one sigma learned per input
 
 
+class SampleGrad(str, Enum):
+    """The gradient that per-input (sample-wise) tensors step on.
+
+    The objective is a mean over the batch, so the gradient of a per-input tensor is 1/B of what its own
+    input contributes: with Adam or AdaMod the step still depends on B through eps, with SGD it shrinks
+    as 1/B.
+    """
+
+    OWN_TERM = "own_term"  # B times the batch objective's gradient: steps do not depend on the batch size
+    BATCH_MEAN = "batch_mean"  # the gradient of the batch-mean objective itself, as the official dent+ code
+
+
+class BNArithmetic(str, Enum):
+    """How per-input BatchNorm affine values are applied on fixed statistics (the same function).
+
+    dent+'s steps amplify float rounding (measured on the shipped ResNet-18 and 32 CIFAR-10 images: the
+    official dent+'s float32 and float64 logits differ by up to 0.8; with the fused kernel instead of the
+    folded arithmetic, float32 logits differ from the official code's by 4e-4 at batch 128, 8e-6 with
+    it), so reproducing a computation to 1e-4 needs its arithmetic.
+    """
+
+    FUSED = "fused"  # one BatchNorm kernel over the B*C planes of the batch (the project's; fewer passes)
+    FOLDED = "folded"  # x * scale + shift with the statistics folded into scale and shift (the official code)
+
+
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
 class DentConfig(Section):
-    """Settings of :class:`dent.defenses.Dent`. Defaults are the paper's batch-wise dent (Table 1)."""
+    """Settings of :class:`dent.defenses.Dent`. Defaults are the paper's batch-wise dent (Table 1).
 
+    ``preset`` names a setting of :data:`dent.defenses.presets.PRESETS`: its values replace the defaults,
+    and keys given beside it override them. It is not a result-affecting key (the values it expands to
+    are): it is kept in saved configs but marked non-result, so run hashes and unit keys depend on values only.
+    """
+
+    preset: Annotated[Optional[str], NON_RESULT, OMITTED_AT_DEFAULT] = None
     steps: Annotated[int, Field(ge=0, le=10_000)] = 10
     affine: AffineMode = AffineMode.BATCH
     stats: StatsMode = StatsMode.FIXED
@@ -60,10 +92,27 @@ class DentConfig(Section):
     sigma_lr: PositiveFloat = 0.25
     max_kernel_size: Annotated[int, Field(ge=1)] = 15  # cap on 2*ceil(3 sigma)+1; must be odd
     episodic: bool = True  # reset to the initial state after every call (the paper's default)
+    sample_grad: Annotated[SampleGrad, OMITTED_AT_DEFAULT] = SampleGrad.OWN_TERM  # see SampleGrad; only per-input tensors are concerned
+    bn_arithmetic: Annotated[BNArithmetic, OMITTED_AT_DEFAULT] = BNArithmetic.FUSED  # see BNArithmetic; "folded" needs affine sample, stats fixed
     # Autocast dtype of the adaptation steps ("none": the model's own precision). "bfloat16" speeds up the
     # steps on GPUs with bf16 tensor cores; the final prediction always runs in full precision. On CPUs
     # without native bf16 it is far slower (measured: docs/performance.md). Check accuracy with `dent bench`.
     autocast: Annotated[Literal["none", "bfloat16"], OMITTED_AT_DEFAULT] = "none"  # (keeps earlier unit keys)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, data: Any) -> Any:
+        """The named preset's values under the keys given (an unknown name is left to ``_known_preset``)."""
+        if isinstance(data, dict) and data.get("preset") in PRESETS:
+            return {**PRESETS.get(data["preset"]), **data}
+        return data
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and value not in PRESETS:
+            raise ValueError(PRESETS.unknown_message(value))
+        return None if value is None else PRESETS.canonical(value)
 
     @field_validator("objective")
     @classmethod
@@ -92,4 +141,15 @@ class DentConfig(Section):
         # i-th input is unrelated, has no meaning.
         if not self.episodic and (self.affine is AffineMode.SAMPLE or self.input is InputMode.SAMPLE):
             raise ValueError("episodic=False needs affine and input other than 'sample' (per-input state)")
+        return self
+
+    @model_validator(mode="after")
+    def _folded_needs_per_input_fixed_stats(self) -> "DentConfig":
+        if self.bn_arithmetic is BNArithmetic.FOLDED and (
+            self.affine is not AffineMode.SAMPLE or self.stats is not StatsMode.FIXED
+        ):
+            raise ValueError(
+                f"bn_arithmetic='folded' applies per-input affine values on fixed statistics, so it needs "
+                f"affine='sample' and stats='fixed' (got affine={self.affine.value!r}, stats={self.stats.value!r})"
+            )
         return self

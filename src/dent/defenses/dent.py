@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 
 from dent.defenses.blur import gaussian_blur
 from dent.defenses.bn import AdaptiveBatchNorm, batch_norm_slots, swapped
-from dent.defenses.config import AffineMode, DentConfig, InputMode, StatsMode
+from dent.defenses.config import AffineMode, BNArithmetic, DentConfig, InputMode, SampleGrad, StatsMode
 from dent.defenses.objectives import OBJECTIVES
 from dent.defenses.optim import OPTIMIZERS
 from dent.errors import InvalidInputError
@@ -136,7 +136,8 @@ class Dent(nn.Module):
         self._learns_sigma = learns and config.input in (InputMode.BATCH, InputMode.SAMPLE)
         self._per_input = config.affine is AffineMode.SAMPLE or config.input is InputMode.SAMPLE
         self._swaps_norms = bool(self._adapted_norms) or config.stats is StatsMode.BATCH
-        self._replacements = {norm: AdaptiveBatchNorm(norm, config.stats is StatsMode.BATCH) for norm in norms}
+        folded = config.bn_arithmetic is BNArithmetic.FOLDED
+        self._replacements = {norm: AdaptiveBatchNorm(norm, config.stats is StatsMode.BATCH, folded) for norm in norms}
         sigma = config.sigma_init
         self._raw_sigma_init = sigma + math.log(-math.expm1(-sigma))  # softplus^-1, stable for any sigma > 0
         self._state: _Adaptation | None = None
@@ -242,13 +243,14 @@ class Dent(nn.Module):
             shape = (len(x),) if cfg.input is InputMode.SAMPLE else (1,)
             raw_sigma = torch.empty(shape, dtype=x.dtype, device=x.device, requires_grad=self._learns_sigma)
         # The objective is a batch mean, so a per-input tensor's gradient is 1/B of its own input's term's:
-        # undo that, so that per-input steps do not depend on the batch size (for any optimizer, not only
-        # for the nearly scale-invariant Adam/AdaMod) and inputs stay independent of each other.
-        per_input = list(flats) if cfg.affine is AffineMode.SAMPLE else []
-        if self._learns_sigma and cfg.input is InputMode.SAMPLE:
-            per_input.append(raw_sigma)
-        for tensor in per_input:
-            tensor.register_hook(lambda grad, batch=len(x): grad * batch)
+        # with sample_grad='own_term', undo that, so that per-input steps do not depend on the batch size
+        # (for any optimizer, not only for the nearly scale-invariant Adam/AdaMod).
+        if cfg.sample_grad is SampleGrad.OWN_TERM:
+            per_input = list(flats) if cfg.affine is AffineMode.SAMPLE else []
+            if self._learns_sigma and cfg.input is InputMode.SAMPLE:
+                per_input.append(raw_sigma)
+            for tensor in per_input:
+                tensor.register_hook(lambda grad, batch=len(x): grad * batch)
         groups = []
         if flats:
             groups.append({"params": flats})

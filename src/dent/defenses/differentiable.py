@@ -10,7 +10,8 @@ and blur width (Sigma) are functions of the input and backpropagation differenti
 
 It reuses the wrapped :class:`Dent`'s building blocks (its model preparation, BatchNorm stand-ins, blur,
 objective, initial values and optimizer hyper-parameters); only the update rule is re-expressed here, as
-functional versions of :class:`torch.optim.Adam`, :class:`~dent.defenses.optim.AdaMod` and
+functional versions of :class:`torch.optim.Adam`, :class:`~dent.defenses.optim.AdaMod` (and its
+:class:`~dent.defenses.optim.PackageAdaMod` variant) and
 :class:`torch.optim.SGD` that perform the same arithmetic as the in-place ones. Its forward output equals
 Dent's (same config) up to float rounding.
 
@@ -40,16 +41,18 @@ sigma across such a step, the defense is discontinuous in its input and the grad
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as checkpoint_call
 
-from dent.defenses.config import AffineMode, InputMode
+from dent.defenses.config import AffineMode, InputMode, SampleGrad
 from dent.defenses.dent import Dent
-from dent.defenses.optim import AdaMod
+from dent.defenses.optim import AdaMod, PackageAdaMod
 from dent.errors import InvalidInputError
 
 
@@ -93,17 +96,27 @@ def _adamod_init(p: Tensor) -> tuple[Tensor, ...]:
     return (torch.zeros_like(p), torch.zeros_like(p), torch.zeros_like(p))
 
 
-def _adamod_update(p, g, state, t, group):
+def _adamod_update(p, g, state, t, group, folded: bool = False):
+    """AdaMod's published rule, or (``folded``) the ``adamod`` package's (see :class:`PackageAdaMod`)."""
     beta1, beta2 = group["betas"]
     exp_avg, exp_avg_sq, step_size_avg = state
     if group["weight_decay"]:
-        g = g.add(p, alpha=group["weight_decay"])
+        if folded:
+            p = p.mul(1 - group["weight_decay"] * group["lr"])
+        else:
+            g = g.add(p, alpha=group["weight_decay"])
     exp_avg = torch.lerp(exp_avg, g, 1 - beta1)
     exp_avg_sq = exp_avg_sq.mul(beta2).addcmul(g, g, value=1 - beta2)
-    step_size = safe_sqrt(exp_avg_sq / (1 - beta2**t)).add(group["eps"]).reciprocal().mul(group["lr"])
+    if folded:
+        step_size = safe_sqrt(exp_avg_sq).add(group["eps"]).reciprocal().mul(
+            group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t))
+        momentum_correction = 1.0
+    else:
+        step_size = safe_sqrt(exp_avg_sq / (1 - beta2**t)).add(group["eps"]).reciprocal().mul(group["lr"])
+        momentum_correction = 1 - beta1**t
     step_size_avg = step_size_avg.mul(group["beta3"]).add(step_size, alpha=1 - group["beta3"])
     step_size = torch.minimum(step_size, step_size_avg)
-    return p.sub(step_size.mul(exp_avg).div(1 - beta1**t)), (exp_avg, exp_avg_sq, step_size_avg)
+    return p.sub(step_size.mul(exp_avg).div(momentum_correction)), (exp_avg, exp_avg_sq, step_size_avg)
 
 
 def _sgd_init(p: Tensor) -> tuple[Tensor, ...]:
@@ -123,6 +136,7 @@ def _sgd_update(p, g, state, t, group):
 
 ADAM = FunctionalRule("adam", _adam_init, _adam_update)
 ADAMOD = FunctionalRule("adamod", _adamod_init, _adamod_update)
+PACKAGE_ADAMOD = FunctionalRule("adamod_official", _adamod_init, partial(_adamod_update, folded=True))
 SGD = FunctionalRule("sgd", _sgd_init, _sgd_update)
 
 
@@ -136,12 +150,15 @@ def functional_rule(optimizer: torch.optim.Optimizer) -> FunctionalRule:
         return ADAM
     if type(optimizer) is AdaMod and not unsupported:
         return ADAMOD
+    if type(optimizer) is PackageAdaMod and not unsupported:
+        return PACKAGE_ADAMOD
     if type(optimizer) is torch.optim.SGD and not unsupported:
         return SGD
     extra = f" with {', '.join(unsupported)}" if unsupported else ""
     raise InvalidInputError(
         f"no differentiable version of the test-time optimizer {type(optimizer).__name__}{extra}; "
-        "differentiating through the adaptation supports Adam, AdaMod and SGD (optimizer: adam | adamod | sgd)"
+        "differentiating through the adaptation supports Adam, AdaMod (both rules) and SGD "
+        "(optimizer: adam | adamod | adamod_official | sgd)"
     )
 
 
@@ -258,12 +275,13 @@ class DifferentiableDent(nn.Module):
         return rule, per_tensor
 
     def _per_input_mask(self, params: list[Tensor]) -> list[bool]:
-        """Which tensors hold one value per input: dent scales their gradients by the batch size."""
+        """Which tensors get their gradient scaled by the batch size: per-input ones, with sample_grad='own_term'."""
         cfg = self.dent.config
+        scaled = cfg.sample_grad is SampleGrad.OWN_TERM
         n_affine = 2 * len(self.dent._adapted_norms)
-        mask = [cfg.affine is AffineMode.SAMPLE] * n_affine
+        mask = [scaled and cfg.affine is AffineMode.SAMPLE] * n_affine
         if self.dent._learns_sigma:
-            mask.append(cfg.input is InputMode.SAMPLE)
+            mask.append(scaled and cfg.input is InputMode.SAMPLE)
         return mask
 
     def _step_fn(self, t: int, rule: FunctionalRule, hyper: list[dict[str, Any]], per_input: list[bool],
