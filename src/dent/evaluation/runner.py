@@ -26,7 +26,7 @@ from dent.evaluation.rundir import LOG_NAME, open_run, result_hash
 from dent.evaluation.runlog import run_logging
 from dent.evaluation.store import STORE_NAME, ResultStore, UnitRecord
 from dent.evaluation.units import CLEAN, Unit, file_digest, plan_units
-from dent.runtime import resolve_device
+from dent.runtime import resolve_device, use_deterministic_kernels
 
 log = logging.getLogger("dent.evaluation")
 
@@ -183,6 +183,7 @@ def evaluate(
     """
     start = time.perf_counter()
     device = resolve_device(cfg.device)
+    use_deterministic_kernels()
     run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir("evaluate")
     config = cfg.to_dict()
     chash = result_hash(config)
