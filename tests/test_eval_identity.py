@@ -12,6 +12,7 @@ import yaml
 from dent.errors import ConfigError
 from dent.evaluation.config import EvaluateConfig
 from dent.evaluation.rundir import IDENTITY_META, ConfigMismatchError
+from dent.evaluation.report import load_summary
 from dent.evaluation.runner import evaluate, evaluation_subsets
 from dent.evaluation.store import ResultStore
 from eval_support import fake_data, tiny_net, write_fake_cifar10
@@ -188,3 +189,18 @@ def test_a_stored_config_that_does_not_validate_is_refused_clearly(finished, net
         store.set_meta("config", store.get_meta("config") | {"surprise": 1})
     with pytest.raises(ConfigMismatchError, match="(?s)not one this version can read.*unknown config key 'surprise'"):
         evaluate(config("runs"), model=net, data=data, run_dir=run_dir)
+
+
+@pytest.mark.parametrize("vary_subsets", [False, True])
+def test_repeats_pool_into_one_report_row_with_their_spread(tmp_path, net, vary_subsets):
+    """The report puts the repeats of one evaluation in one row (N x R points) and gives the spread over them."""
+    data_dir = write_fake_cifar10(tmp_path / "data", n_per_class=4)
+    cfg = config(tmp_path / "runs", "data.dir", str(data_dir), "data.n_images", "10", "data.batch_size", "10",
+                 "evaluation.repeats", "3", "evaluation.repeat_subsets", str(vary_subsets).lower())
+    run = evaluate(cfg, model=net)
+    summary = load_summary([run.run_dir])
+    assert sorted(r.defense for r in summary.rows) == sorted(cfg.defenses)
+    for row in summary.rows:
+        assert row.natural.n == 30 and sorted(row.natural.by_repeat) == [0, 1, 2]
+        assert row.natural.spread is not None
+        assert all(result.worst.n == 30 for result in row.attacks.values())

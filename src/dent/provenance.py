@@ -1,9 +1,17 @@
-"""What produced a result: the resolved config, library versions and the machine, saved beside it."""
+"""What produced a result: the resolved config, library versions, the machine and what changes numerics.
+
+The ``numerics`` section of ``provenance.json`` records what can change an evaluation's floating-point
+results, and so flip single images between machines: the CPU model and the instruction set torch's kernels
+were dispatched to (``cpu_capability``: e.g. AVX2 vs AVX512 take different code paths), the thread counts
+(reduction order), the device, the torch, oneDNN and BLAS builds, and whether deterministic algorithms were
+on. Reports list the machines of the runs they merge from it.
+"""
 
 from __future__ import annotations
 
 import json
 import platform
+import re
 import sys
 from datetime import datetime, timezone
 from importlib import metadata
@@ -37,6 +45,49 @@ def machine_description() -> dict[str, Any]:
     return info
 
 
+def cpu_model_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere the platform's processor string)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build_info(pattern: str) -> str | None:
+    """A field of torch's build description (``torch.__config__.show()``), None if absent."""
+    match = re.search(pattern, torch.__config__.show())
+    return match.group(1) if match else None
+
+
+def numerics_description(device: str = "auto") -> dict[str, Any]:
+    """What changes floating-point results on this machine (see the module docstring).
+
+    ``device``: the config's device; the CUDA device name is recorded when the run uses CUDA.
+    """
+    on_cuda = torch.cuda.is_available() and (device == "auto" or device.startswith("cuda"))
+    index = int(device.split(":")[1]) if on_cuda and ":" in device else 0
+    info: dict[str, Any] = {
+        "cpu_model": cpu_model_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "intra_op_threads": torch.get_num_threads(),
+        "inter_op_threads": torch.get_num_interop_threads(),
+        "device_name": torch.cuda.get_device_name(index) if on_cuda else "cpu",
+        "torch": torch.__version__,
+        "onednn": _build_info(r"(?:MKL-DNN|oneDNN) v([\w.]+)") if torch.backends.mkldnn.is_available() else None,
+        "mkl": _build_info(r"Math Kernel Library Version ([\w.]+)") if torch.backends.mkl.is_available() else None,
+        "blas": _build_info(r"BLAS_INFO=(\w+)"),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+    }
+    if on_cuda:
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+    return info
+
+
 def write_run_metadata(run_dir: Path, config: dict[str, Any]) -> None:
     """Write ``config.yaml`` (the resolved config) and ``provenance.json`` into ``run_dir``."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -45,6 +96,7 @@ def write_run_metadata(run_dir: Path, config: dict[str, Any]) -> None:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": library_versions(),
         "machine": machine_description(),
+        "numerics": numerics_description(str(config.get("device", "auto"))),
         "argv": sys.argv,
     }
     (run_dir / "provenance.json").write_text(json.dumps(provenance, indent=2))

@@ -1,4 +1,4 @@
-"""Process-level runtime choices: the compute device, seeding, and the CPU memory allocator."""
+"""Process-level runtime choices: the compute device, seeding, deterministic kernels, and the CPU memory allocator."""
 
 from __future__ import annotations
 
@@ -30,6 +30,30 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def use_deterministic_kernels() -> bool:
+    """Make this process choose deterministic kernels, so the same command on the same machine stores the same
+    per-point results; ``DENT_DETERMINISTIC=0`` turns it off. Returns whether it is on.
+
+    Sets ``torch.use_deterministic_algorithms(True, warn_only=True)`` (an op without a deterministic
+    implementation warns instead of failing), oneDNN's deterministic mode, cuDNN's deterministic kernels
+    without autotuning, and the cuBLAS workspace that deterministic CUDA matrix products need (only where it
+    is not set yet; it takes effect if no CUDA work ran before). It does not make results equal across
+    machines: other CPU capabilities (AVX2 vs AVX-512), thread counts or GPUs sum in another order
+    (docs/evaluation.md, "Determinism").
+    """
+    choice = os.environ.get("DENT_DETERMINISTIC", "1").strip().lower() or "1"
+    if choice not in ("1", "0", "true", "false", "on", "off"):
+        raise ConfigError(f"DENT_DETERMINISTIC={choice!r}: expected 1 (the default) or 0")
+    enabled = choice in ("1", "true", "on")
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    torch.backends.mkldnn.deterministic = enabled
+    torch.backends.cudnn.deterministic = enabled
+    if enabled:
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    return enabled
 
 
 #: Set by :func:`tune_cpu_allocator`: whether glibc's malloc was told to keep freed memory for reuse.

@@ -7,15 +7,19 @@ their units by key (shards of one config, or runs of several models), and writes
   per-attack accuracy with the worst case (Table 2), and where the runs sweep them, tables over dent
   steps (Tables 7, 13), batch size (Table 9), attack iterations (Table 10) and epsilon (Figure 4);
 * ``results.csv`` (one row per model x defense x batch size x measure) and ``results.json``;
-* ``accuracy.png`` and, where swept, ``accuracy_vs_eps.png``, ``accuracy_vs_steps.png``,
+* ``accuracy.png`` (the headline: natural accuracy, the paper's protocol and the per-point worst case over
+  every attack) and ``accuracy_vs_eps.png``, and where swept ``accuracy_vs_steps.png``,
   ``accuracy_vs_iterations.png``, ``accuracy_vs_batch_size.png``.
+
+Every accuracy carries its 95% Wilson interval over the N images (markdown ``90.6 [81.0, 95.6]``, CSV and
+JSON ``ci_low``/``ci_high``, error bars in the figures) and, where the runs repeat, the range over repeats.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import math
+import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +29,12 @@ from dent.attacks.config import format_eps
 from dent.errors import DentError
 from dent.evaluation import plots, security
 from dent.evaluation.rundir import find_store, load_run_config
-from dent.evaluation.store import read_records
-from dent.evaluation.summary import WORST, Cell, Row, Summary, attack_description, summarize
+from dent.evaluation.store import ResultStore, read_records
+from dent.evaluation.summary import (
+    WORST, Cell, Row, RunSource, Summary, attack_description, cell_fields, format_cell, summarize,
+)
+
+PROVENANCE_NAME = "provenance.json"
 
 
 @dataclass
@@ -50,16 +58,34 @@ def load_summary(paths: Iterable[str | Path]) -> Summary:
         except DentError:  # a bare store file without a config still reports, without defense order
             pass
     records, duplicates = read_records(stores)
-    return summarize(records, configs, duplicates)
+    return summarize(records, configs, duplicates, sources=[run_source(p, store) for p, store in zip(paths, stores)])
+
+
+def run_source(path: str | Path, store_path: Path) -> RunSource:
+    """A merged run's machine (its ``provenance.json``, if any) and evaluated identity (store metadata)."""
+    provenance_path = store_path.parent / PROVENANCE_NAME
+    try:
+        provenance = json.loads(provenance_path.read_text())
+    except (OSError, ValueError):  # no provenance (a bare store) or an unreadable one: reported as not recorded
+        provenance = None
+    with ResultStore(store_path, create=False) as store:
+        identity = store.get_meta("identity")
+        keys = frozenset(store.done_keys())
+    return RunSource(path=Path(path).name or str(path), provenance=provenance, identity=identity, keys=keys)
 
 
 # -- formatting -------------------------------------------------------------------------------------
-def pct(cell: Optional[Cell]) -> str:
-    if cell is None or cell.n == 0 or math.isnan(cell.accuracy):
-        return "-"
-    text = f"{100 * cell.accuracy:.1f}"
-    return text if cell.complete else f"{text}*"
 
+INTERVAL_NOTE = (
+    "`x [low, high]`: accuracy (%) and its 95% Wilson score interval over the evaluated images; differences "
+    "inside overlapping intervals are not evidence of a difference (with 64 images one image is 1.6 points)"
+)
+REPEATS_NOTE = (
+    "`(min-max)`: the range of the accuracy over the repeats of the evaluation (other attack seeds, possibly "
+    "other subsets); the accuracy and interval pool every repeat's points, so the accuracy is the mean over "
+    "repeats when each repeat covers its N images. Repeats on the same images are not independent samples of "
+    "images: the pooled interval is then narrower than the uncertainty about other images"
+)
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else ":---:" for i in range(len(header))) + "|"]
@@ -104,28 +130,36 @@ def main_table(summary: Summary) -> str:
         for _, by_def in groups.items():
             first = next(iter(by_def.values()))
             line = [_row_label(first, summary)]
-            line += [pct(by_def[d].natural) if d in by_def else "-" for d in defenses]
+            line += [format_cell(by_def[d].natural) if d in by_def else "-" for d in defenses]
             if label is not None:
-                line += [pct(by_def[d].attacks.get(label).worst) if d in by_def and label in by_def[d].attacks else "-"
+                line += [format_cell(by_def[d].attacks.get(label).worst) if d in by_def and label in by_def[d].attacks else "-"
                          for d in defenses]
             lines.append(line)
     return _table(header, lines)
 
 
+TIME_CAPTION = (
+    "ms / image: the median over the defense's clean units (one defended call per batch) of the unit's time "
+    "per image, so that the slower first call of a process (allocation, lazy initialization) does not set it; "
+    "with one or two units (units column) that warm-up is still part of it."
+)
+
+
 def time_table(summary: Summary) -> Optional[str]:
-    """Seconds per image of a defended prediction, relative to the static model (the paper's Table 4 TIME)."""
-    rows = [r for r in summary.rows if r.natural is not None and r.natural.n and r.clean_seconds > 0]
+    """Milliseconds per image of a defended prediction, relative to the static model (the paper's Table 4 TIME)."""
+    rows = [r for r in summary.rows if r.clean_times and sum(r.clean_times) > 0]
     if len({r.defense for r in rows}) < 2:
         return None
     statics = {(r.model, r.batch_size): r for r in rows if plots.is_static(r.defense_config)}
-    header = ["Defense", "steps", "ms / image", "x static"]
+    header = ["Defense", "steps", "units", "ms / image", "x static"]
     lines = []
     for r in rows:
-        per_image = r.clean_seconds / r.natural.n
+        per_image = statistics.median(r.clean_times)
         base = statics.get((r.model, r.batch_size))
-        rel = f"{per_image / (base.clean_seconds / base.natural.n):.1f}x" if base is not None else "-"
-        lines.append([_row_label(r, summary, with_defense=True), str(r.steps), f"{1000 * per_image:.1f}", rel])
-    return _table(header, lines)
+        rel = f"{per_image / statistics.median(base.clean_times):.1f}x" if base is not None else "-"
+        lines.append([_row_label(r, summary, with_defense=True), str(r.steps), str(len(r.clean_times)),
+                      f"{1000 * per_image:.1f}", rel])
+    return _table(header, lines) + "\n\n" + TIME_CAPTION
 
 
 def per_attack_table(summary: Summary) -> Optional[str]:
@@ -144,13 +178,12 @@ def per_attack_table(summary: Summary) -> Optional[str]:
     for row in summary.rows:
         for label, pr in row.attacks.items():
             lines.append([_row_label(row, summary, with_defense=True), label]
-                         + [pct(pr.per_label.get(n)) for n in ordered] + [pct(pr.worst)])
+                         + [format_cell(pr.per_label.get(n)) for n in ordered] + [format_cell(pr.worst)])
     return _table(header, lines)
 
 
 def steps_table(summary: Summary) -> Optional[str]:
-    families = {name: rows for name, rows in plots.defense_families(summary.rows).items()
-                if len({r.steps for r in rows}) > 1}
+    families = plots.swept_step_families(summary.rows)
     if not families:
         return None
     steps = sorted({r.steps for rows in families.values() for r in rows})
@@ -162,7 +195,7 @@ def steps_table(summary: Summary) -> Optional[str]:
         measures += [(label, lambda r, label=label: r.attacks[label].worst if label in r.attacks else None)
                      for label in summary.point_labels]
         for measure, get in measures:
-            cells = [pct(get(by_steps[s])) if s in by_steps else "" for s in steps]
+            cells = [format_cell(get(by_steps[s])) if s in by_steps else "" for s in steps]
             if any(c not in ("", "-") for c in cells):
                 lines.append([name, measure] + cells)
     return _table(header, lines)
@@ -179,30 +212,24 @@ def batch_size_table(summary: Summary) -> Optional[str]:
         groups[(row.model, row.defense)][row.batch_size] = row
     for (model, defense), by_size in groups.items():
         name = f"{model} / {defense}" if _multi(r.model for r in summary.rows) else defense
-        lines.append([name, "natural"] + [pct(by_size[s].natural) if s in by_size else "" for s in sizes])
+        lines.append([name, "natural"] + [format_cell(by_size[s].natural) if s in by_size else "" for s in sizes])
         for label in summary.point_labels:
-            lines.append([name, label] + [pct(by_size[s].attacks[label].worst)
+            lines.append([name, label] + [format_cell(by_size[s].attacks[label].worst)
                                           if s in by_size and label in by_size[s].attacks else "" for s in sizes])
     return _table(header, lines)
 
 
-def _threat(point: dict[str, Any]) -> str:
-    return f"{point['norm']} {format_eps(point['eps'], point['norm'])}"
-
-
 def iterations_table(summary: Summary) -> Optional[str]:
-    iters = sorted({p["n_iter"] for p in summary.points.values() if p.get("n_iter") is not None})
-    if len(iters) < 2:
+    """Accuracy against the iteration count of one attack at one threat (Table 10); only swept attacks."""
+    series = plots.iteration_series(summary)
+    if not series:
         return None
-    header = ["Accuracy (%)", "threat"] + [f"{k} iter" for k in iters]
+    iters = sorted({x for s in series for x, _ in s.points})
+    header = ["Accuracy (%)", "attack, threat"] + [f"{k:g} iter" for k in iters]
     lines = []
-    for row in summary.rows:
-        by: dict[str, dict[int, Cell]] = defaultdict(dict)
-        for pr in row.attacks.values():
-            if pr.point.get("n_iter") is not None:
-                by[_threat(pr.point)][pr.point["n_iter"]] = pr.worst
-        for threat, cells in by.items():
-            lines.append([_row_label(row, summary, with_defense=True), threat] + [pct(cells.get(k)) for k in iters])
+    for s in series:
+        cells = dict(s.points)
+        lines.append([_row_label(s.row, summary, with_defense=True), s.name] + [format_cell(cells.get(k)) for k in iters])
     return _table(header, lines)
 
 
@@ -223,8 +250,8 @@ def eps_table(summary: Summary) -> Optional[str]:
                 if pr.point["norm"] == norm:
                     by_attack[attack_description(pr.point)][pr.point["eps"]] = pr.worst
             for attack, cells in by_attack.items():
-                lines.append([_row_label(row, summary, with_defense=True), attack, pct(row.natural)]
-                             + [pct(cells.get(e)) for e in eps])
+                lines.append([_row_label(row, summary, with_defense=True), attack, format_cell(row.natural)]
+                             + [format_cell(cells.get(e)) for e in eps])
         parts.append(f"{norm}:\n\n" + _table(header, lines))
     return "\n\n".join(parts)
 
@@ -240,7 +267,17 @@ def settings_text(summary: Summary) -> str:
         f"- batch size: {', '.join(map(str, s['batch_sizes']))}; seed: {', '.join(map(str, s['seeds']))}; "
         f"device: {', '.join(s['devices'])}",
     ]
+    if any(r > 1 for r in s["repeats"]):
+        lines.append(f"- repeats: {', '.join(map(str, s['repeats']))}")
+    lines += _machine_lines(s["machines"])
     return "\n".join(lines)
+
+
+def _machine_lines(machines: dict[str, list[str]]) -> list[str]:
+    """One line per machine the merged runs ran on; which runs, when there are several machines."""
+    if len(machines) == 1:
+        return [f"- machine: {next(iter(machines))}"]
+    return [f"- machine: {text} (runs {', '.join(runs)})" for text, runs in machines.items()]
 
 
 def _defense_configs(summary: Summary) -> list[tuple[str, dict[str, Any]]]:
@@ -289,11 +326,12 @@ def markdown(summary: Summary) -> str:
     ):
         if table:
             parts += ["", title, "", table]
-    notes = list(summary.notes)
+    notes = [INTERVAL_NOTE] + ([REPEATS_NOTE] if any(r > 1 for r in summary.settings()["repeats"]) else [])
+    notes += summary.notes
     if any(r.natural is not None and not r.natural.complete for r in summary.rows) or any(
         not pr.worst.complete for r in summary.rows for pr in r.attacks.values()
     ):
-        notes.insert(0, "`*`: computed on fewer than N images (partial run or missing shards)")
+        notes.insert(1, "`*`: computed on fewer than N images (partial run or missing shards)")
     if any(pr.dynamic_warning for r in summary.rows for pr in r.attacks.values()):
         notes.append(AA_NOTE)
     if notes:
@@ -305,6 +343,7 @@ def markdown(summary: Summary) -> str:
 CSV_FIELDS = [
     "model", "dataset", "split", "n_images", "subset_seed", "seed", "defense", "steps", "affine", "stats", "input",
     "objective", "batch_size", "measure", "attack", "norm", "eps", "n_iter", "label", "correct", "n", "accuracy",
+    "ci_low", "ci_high", "repeats", "repeat_mean", "repeat_min", "repeat_max",
 ]
 
 
@@ -320,17 +359,13 @@ def _csv_rows(summary: Summary) -> list[dict[str, Any]]:
             "batch_size": row.batch_size,
         }
         if row.natural is not None:
-            out.append({**base, "measure": "natural", "label": "clean", **_cell(row.natural)})
+            out.append({**base, "measure": "natural", "label": "clean", **cell_fields(row.natural)})
         for label, pr in row.attacks.items():
             point = {"attack": label, "norm": pr.point["norm"], "eps": pr.point["eps"], "n_iter": pr.point.get("n_iter")}
-            out.append({**base, "measure": "adversarial", **point, "label": WORST, **_cell(pr.worst)})
+            out.append({**base, "measure": "adversarial", **point, "label": WORST, **cell_fields(pr.worst)})
             for name, cell in pr.per_label.items():
-                out.append({**base, "measure": "adversarial", **point, "label": name, **_cell(cell)})
+                out.append({**base, "measure": "adversarial", **point, "label": name, **cell_fields(cell)})
     return out
-
-
-def _cell(cell: Cell) -> dict[str, Any]:
-    return {"correct": cell.correct, "n": cell.n, "accuracy": None if cell.n == 0 else round(cell.accuracy, 6)}
 
 
 def to_json(summary: Summary) -> dict[str, Any]:
@@ -339,10 +374,10 @@ def to_json(summary: Summary) -> dict[str, Any]:
         rows.append({
             "model": row.model, "context": row.context, "defense": row.defense, "defense_config": row.defense_config,
             "batch_size": row.batch_size,
-            "natural": None if row.natural is None else {**_cell(row.natural), "expected": row.natural.expected},
+            "natural": None if row.natural is None else {**cell_fields(row.natural), "expected": row.natural.expected},
             "adversarial": [
-                {"attack": label, "point": pr.point, **_cell(pr.worst), "expected": pr.worst.expected,
-                 "per_attack": {name: _cell(c) for name, c in pr.per_label.items()},
+                {"attack": label, "point": pr.point, **cell_fields(pr.worst), "expected": pr.worst.expected,
+                 "per_attack": {name: cell_fields(c) for name, c in pr.per_label.items()},
                  "dynamic_defense_warning": pr.dynamic_warning}
                 for label, pr in row.attacks.items()
             ],
@@ -367,12 +402,12 @@ def write_report(paths: Iterable[str | Path], out_dir: str | Path) -> ReportFile
             writer.writerow({k: r.get(k) for k in CSV_FIELDS})
     files.json.write_text(json.dumps(to_json(summary), indent=2))
     if summary.rows:
-        files.figures.append(plots.plot_bars(summary, out_dir / "accuracy.png"))
+        files.figures.append(plots.plot_headline(summary, out_dir / "accuracy.png"))
     if summary.point_labels:
         files.figures.append(plots.plot_accuracy_vs_eps(summary, out_dir / "accuracy_vs_eps.png"))
-    if any(len({r.steps for r in rows}) > 1 for rows in plots.defense_families(summary.rows).values()):
+    if plots.swept_step_families(summary.rows):
         files.figures.append(plots.plot_accuracy_vs_steps(summary, out_dir / "accuracy_vs_steps.png"))
-    if len({p.get("n_iter") for p in summary.points.values() if p.get("n_iter") is not None}) > 1:
+    if plots.iteration_series(summary):
         files.figures.append(plots.plot_accuracy_vs_iterations(summary, out_dir / "accuracy_vs_iterations.png"))
     if len({r.batch_size for r in summary.rows}) > 1:
         files.figures.append(plots.plot_accuracy_vs_batch_size(summary, out_dir / "accuracy_vs_batch_size.png"))

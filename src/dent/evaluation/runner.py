@@ -26,7 +26,7 @@ from dent.evaluation.runlog import run_logging
 from dent.evaluation.store import STORE_NAME, ResultStore, UnitRecord
 from dent.evaluation.units import CLEAN, Unit, plan_units, repeat_context
 from dent.identity import data_digest, file_digest, model_identity
-from dent.runtime import resolve_device
+from dent.runtime import resolve_device, use_deterministic_kernels
 from dent.threat import check_eps
 
 log = logging.getLogger("dent.evaluation")
@@ -130,7 +130,7 @@ def plan(cfg: EvaluateConfig, identity: dict[str, dict[str, Any]], n_images: int
                 check_eps(point.norm, point.eps, dim=image_dim)
             except ValueError as exc:
                 raise ConfigError(f"config key 'attack.threats': {exc}") from None
-    contexts = [repeat_context(identity, cfg.seed, r, seed) for r, seed in enumerate(subset_seeds(cfg))]
+    contexts = [repeat_context(identity, cfg.seed, r, seed, cfg.data.seed) for r, seed in enumerate(subset_seeds(cfg))]
     return plan_units(
         defenses=cfg.defenses,
         points=points,
@@ -226,6 +226,7 @@ def evaluate(
     """
     start = time.perf_counter()
     device = resolve_device(cfg.device)
+    use_deterministic_kernels()
     # Everything that can fail on bad input runs before the run directory is created or touched.
     subsets = evaluation_subsets(cfg, data)
     first = subsets[cfg.data.seed]

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional
 
 from dent.attacks.config import format_eps
-from dent.evaluation.summary import Cell, Row, Summary, attack_description
+from dent.evaluation.summary import (
+    Cell, Row, Summary, attack_description, cell_fields, format_cell, sweep_curves, wilson_interval,
+)
 
 #: Largest accuracy at the largest epsilon of a sweep that still counts as "about 0".
 MAX_FINAL_ACCURACY = 0.05
@@ -35,7 +37,7 @@ ATTACK_ORDER = ("autoattack", "pgd", "transfer", "mixed", "through_adaptation", 
 # -- worst case -------------------------------------------------------------------------------------
 
 
-def worst_case_flags(results: Mapping[str, Mapping[int, bool]]) -> dict[int, bool]:
+def worst_case_flags(results: Mapping[str, Mapping[Any, bool]]) -> dict[Any, bool]:
     """Per point, robust under every attack: ``{attack: {point: robust}}`` -> ``{point: robust}``.
 
     Only points that every attack evaluated are included (a point one attack skipped has no worst case).
@@ -49,9 +51,12 @@ def worst_case_flags(results: Mapping[str, Mapping[int, bool]]) -> dict[int, boo
     return {p: all(bool(flags[p]) for flags in per_attack) for p in sorted(common)}
 
 
-def worst_case_cell(results: Mapping[str, Mapping[int, bool]], expected: int = 0) -> Cell:
-    flags = worst_case_flags(results)
-    return Cell(correct=sum(flags.values()), n=len(flags), expected=expected)
+def worst_case_cell(results: Mapping[str, Mapping[tuple[int, int], bool]], expected: int = 0) -> Cell:
+    """The worst case as a cell; points are ``(repeat, position)``, so each repeat keeps its own count."""
+    cell = Cell(expected=expected)
+    for (repeat, _), robust in worst_case_flags(results).items():
+        cell.add(int(robust), 1, repeat)
+    return cell
 
 
 def threat_of(point: Mapping[str, Any]) -> str:
@@ -123,13 +128,6 @@ def security_tables(summary: Summary) -> list[SecurityTable]:
     return tables
 
 
-def _pct(cell: Optional[Cell]) -> str:
-    if cell is None or cell.n == 0:
-        return "-"
-    text = f"{100 * cell.accuracy:.1f}"
-    return text if cell.complete else f"{text}*"
-
-
 def security_markdown(summary: Summary) -> Optional[str]:
     """The security tables in markdown; None when no attack was run."""
     tables = security_tables(summary)
@@ -141,7 +139,7 @@ def security_markdown(summary: Summary) -> Optional[str]:
         out = [f"{table.model}, {table.threat}:", "",
                "| " + " | ".join(header) + " |", "|---" + "|:---:" * len(table.columns) + "|"]
         for measure, cells in table.lines:
-            out.append("| " + " | ".join([measure] + [_pct(c) for c in cells]) + " |")
+            out.append("| " + " | ".join([measure] + [format_cell(c) for c in cells]) + " |")
         parts.append("\n".join(out))
     return "\n\n".join(parts)
 
@@ -161,11 +159,30 @@ class CurveCheck:
     message: str
 
 
+def _acc_text(accuracy: float, n: int) -> str:
+    """``46.9% [34.9, 59.2]`` (with its 95% interval when the number of points ``n`` is known)."""
+    if not n:
+        return f"{100 * accuracy:.1f}%"
+    low, high = wilson_interval(round(accuracy * n), n)
+    return f"{100 * accuracy:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def _intervals_overlap(a0: float, a1: float, n: int) -> bool:
+    """Whether the 95% intervals of two accuracies over ``n`` points overlap (the difference may be noise)."""
+    if not n:
+        return False
+    low0, high0 = wilson_interval(round(a0 * n), n)
+    low1, high1 = wilson_interval(round(a1 * n), n)
+    return low0 <= high1 and low1 <= high0
+
+
 def check_eps_curve(curve: Iterable[tuple[float, float]], *, max_final: float = MAX_FINAL_ACCURACY,
                     max_rise: float = MAX_RISE, n: int = 0) -> tuple[bool, str]:
     """Accuracy vs epsilon must reach about 0 (<= ``max_final``) at the largest epsilon and not rise with it.
 
-    ``n`` (points per accuracy) lets a rise of a single point pass on small evaluations.
+    ``n`` (points per accuracy) lets a rise of a single point pass on small evaluations, and words a flag
+    that the 95% intervals cannot confirm as such ("cannot tell"): the flag stays, since a pass would claim
+    more than the data shows.
     """
     values = sorted(curve)
     if len(values) < 2:
@@ -174,15 +191,18 @@ def check_eps_curve(curve: Iterable[tuple[float, float]], *, max_final: float = 
     tolerance = max(max_rise, 1.0 / n + 1e-9) if n else max_rise
     for (e0, a0), (e1, a1) in zip(values, values[1:]):
         if a1 - a0 > tolerance:
-            problems.append(f"accuracy rises from {100 * a0:.1f}% to {100 * a1:.1f}% as epsilon grows "
-                            f"({e0:.4g} -> {e1:.4g}): gradient masking or a failing attack")
+            noise = " (within the 95% intervals: may be noise)" if _intervals_overlap(a0, a1, n) else ""
+            problems.append(f"accuracy rises from {_acc_text(a0, n)} to {_acc_text(a1, n)} as epsilon grows "
+                            f"({e0:.4g} -> {e1:.4g}){noise}: gradient masking or a failing attack")
     eps, acc = values[-1]
     if acc > max_final:
-        problems.append(f"accuracy {100 * acc:.1f}% at the largest epsilon {eps:.4g} is not about 0 "
+        low = wilson_interval(round(acc * n), n)[0] if n else acc
+        verdict = "is not about 0" if low > max_final else "is not shown to be about 0 (its interval reaches it)"
+        problems.append(f"accuracy {_acc_text(acc, n)} at the largest epsilon {eps:.4g} {verdict} "
                         f"(> {100 * max_final:g}%): extend the sweep or the attack is not working")
     if problems:
         return False, "; ".join(problems)
-    return True, f"reaches {100 * acc:.1f}% at epsilon {eps:.4g}"
+    return True, f"reaches {_acc_text(acc, n)} at epsilon {eps:.4g}"
 
 
 def check_iteration_curve(curve: Iterable[tuple[float, float]], *, max_drop: float = MAX_FINAL_DROP,
@@ -194,14 +214,18 @@ def check_iteration_curve(curve: Iterable[tuple[float, float]], *, max_drop: flo
         return True, "fewer than 2 iteration counts: not checked"
     (i0, a0), (i1, a1) = values[-2], values[-1]
     tolerance = max(max_drop, 1.0 / n + 1e-9) if n else max_drop
+    change = f"{_acc_text(a0, n)} at {i0:g} -> {_acc_text(a1, n)} at {i1:g}"
     if a0 - a1 > tolerance:
-        return False, (f"still dropping at the largest iteration count: {100 * a0:.1f}% at {i0:g} -> "
-                       f"{100 * a1:.1f}% at {i1:g} (> {100 * tolerance:.1f} points): more iterations needed")
-    return True, f"converged: {100 * a0:.1f}% at {i0:g} -> {100 * a1:.1f}% at {i1:g}"
+        if _intervals_overlap(a0, a1, n):
+            return False, (f"not shown converged: {change} (> {100 * tolerance:.1f} points, but within the 95% "
+                           "intervals): more iterations (and images) needed to tell")
+        return False, f"still dropping at the largest iteration count: {change}: more iterations needed"
+    return True, f"converged: {change}"
 
 
-def _curve_key(point: Mapping[str, Any], drop: tuple[str, ...]) -> str:
-    return json.dumps({k: v for k, v in point.items() if k not in drop}, sort_keys=True, default=str)
+def curve_name(point: Mapping[str, Any]) -> str:
+    """An iteration curve's attack and threat, without the iteration count."""
+    return f"{attack_description({**point, 'n_iter': None})}, {threat_of(point)}"
 
 
 def sanity_checks(summary: Summary) -> list[CurveCheck]:
@@ -210,26 +234,16 @@ def sanity_checks(summary: Summary) -> list[CurveCheck]:
     several_sizes = len({r.batch_size for r in summary.rows}) > 1
     for row in summary.rows:
         name = f"{row.model} / {row.defense}" + (f" / bs {row.batch_size}" if several_sizes else "")
-        eps_curves: dict[str, list[tuple[float, Cell, dict]]] = {}
-        iter_curves: dict[str, list[tuple[float, Cell, dict]]] = {}
-        for pr in row.attacks.values():
-            p = pr.point
-            eps_curves.setdefault(_curve_key(p, ("eps",)), []).append((p["eps"], pr.worst, p))
-            if p.get("n_iter") is not None:
-                iter_curves.setdefault(_curve_key(p, ("n_iter",)), []).append((p["n_iter"], pr.worst, p))
-        for kind, curves, check in (("epsilon", eps_curves, check_eps_curve),
-                                    ("iterations", iter_curves, check_iteration_curve)):
-            for entries in curves.values():
-                if len({x for x, _, _ in entries}) < 2 or any(c.n == 0 for _, c, _ in entries):
+        for kind, axis, check in (("epsilon", "eps", check_eps_curve), ("iterations", "n_iter", check_iteration_curve)):
+            for curve in sweep_curves(row, axis):
+                entries = [(x, pr.worst, pr.point) for x, pr in curve]
+                if len(entries) < 2 or any(c.n == 0 for _, c, _ in entries):
                     continue
-                values = sorted((x, c.accuracy) for x, c, _ in entries)
+                values = [(x, c.accuracy) for x, c, _ in entries]
                 n = min(c.n for _, c, _ in entries)
                 ok, message = check(values, n=n)
                 p = entries[0][2]
-                if kind == "epsilon":
-                    what = attack_description(p)
-                else:
-                    what = f"{attack_description({**p, 'n_iter': None})}, {threat_of(p)}"
+                what = attack_description(p) if kind == "epsilon" else curve_name(p)
                 checks.append(CurveCheck(row=name, attack=what, kind=kind, values=values, ok=ok, message=message))
     return checks
 
@@ -256,10 +270,7 @@ def _x(kind: str, x: float) -> str:
 
 def to_json(summary: Summary) -> dict[str, Any]:
     def cell(c: Optional[Cell]) -> Optional[dict[str, Any]]:
-        if c is None:
-            return None
-        return {"correct": c.correct, "n": c.n, "expected": c.expected,
-                "accuracy": None if c.n == 0 else round(c.accuracy, 6)}
+        return None if c is None else {**cell_fields(c), "expected": c.expected}
 
     return {
         "tables": [

@@ -40,7 +40,7 @@ class Unit:
     batch_size: int
     batch_index: int
     positions: tuple[int, ...]  # positions in the evaluation subset
-    # The model and data identity, the seed and (repeats r > 0 only) "repeat": r; see `repeat_context`.
+    # The model and data identity, the seed and (repeats r > 0 only) "repeat" and "repeat_of"; see `repeat_context`.
     context: dict[str, Any] = field(hash=False, compare=False)
 
     @property
@@ -83,13 +83,19 @@ def batch_positions(n: int, batch_size: int) -> list[tuple[int, ...]]:
     return [tuple(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]
 
 
-def repeat_context(identity: dict[str, Any], seed: int, repeat: int, subset_seed: int) -> dict[str, Any]:
-    """The context of repeat ``repeat``: attack seed ``seed + repeat``; repeat 0 has no ``repeat`` key, so its
-    units keep the keys of an evaluation without repeats."""
+def repeat_context(identity: dict[str, Any], seed: int, repeat: int, subset_seed: int,
+                   base_subset_seed: int) -> dict[str, Any]:
+    """The context of repeat ``repeat``: attack seed ``seed + repeat``, the repeat's subset seed.
+
+    Repeat 0 has no ``repeat`` key, so its units keep the keys of an evaluation without repeats; a later
+    repeat also records the seeds of repeat 0 (``repeat_of``), by which reports pool the repeats of one
+    evaluation into one row.
+    """
     context = {"model": identity["model"], "data": {**identity["data"], "subset_seed": subset_seed},
                "seed": seed + repeat}
     if repeat:
         context["repeat"] = repeat
+        context["repeat_of"] = {"seed": seed, "subset_seed": base_subset_seed}
     return context
 
 
