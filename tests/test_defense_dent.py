@@ -225,11 +225,16 @@ def test_only_the_adapted_tensors_change_during_adaptation(name):
     assert len(seen) == 4  # 3 adaptation steps + the prediction
 
 
+class FailingHead(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("the head failed")
+
+
 def test_model_is_restored_when_its_forward_fails():
     net = tiny_net()
     before = snapshot(net)
-    with pytest.raises(RuntimeError):
-        Dent(net, DentConfig(steps=2))(torch.rand(2, 4, 8, 8, dtype=torch.float64))  # 4 channels, conv wants 3
+    with pytest.raises(RuntimeError, match="the head failed"):  # after the BatchNorms were swapped
+        Dent(nn.Sequential(net, FailingHead()), DentConfig(steps=2))(batch())
     assert_unchanged(net, before)
 
 

@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, SerializationInfo, ValidationError, model_serializer
@@ -158,15 +158,45 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(read_config_text(path)) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
     return lower_keys(data)
+
+
+def read_config_text(path: Path) -> str:
+    """The text of config file ``path``; :class:`ConfigError` when it is missing, a directory or not UTF-8."""
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; expected a YAML file")
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {str(path)!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+            f"{exc.start}); expected a YAML file"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror or exc}") from None
+
+
+def as_section(cls: type[Section], value: Any, where: str) -> Section:
+    """``value`` as a ``cls``: the object itself, or a mapping validated as the same keys in a config file.
+
+    Python callers may pass a plain dict wherever a config section is expected; anything else is a
+    :class:`ConfigError` that says what ``where`` (the argument) expected.
+    """
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        return validated(cls, dict(value))
+    raise ConfigError(
+        f"{where}: expected a {cls.__module__}.{cls.__name__} or a dict of its config keys, got {type(value).__name__}"
+    )
 
 
 def config_hash(data: dict[str, Any]) -> str:

@@ -25,7 +25,11 @@ class DataNotFoundError(DentError, FileNotFoundError):
 
 
 class CorruptFileError(DentError):
-    """A data archive or checkpoint exists but cannot be read as expected."""
+    """A data archive, checkpoint or results store exists but cannot be read as expected."""
+
+
+class OutputError(DentError):
+    """An output directory or file cannot be created or written (a file in the way, read-only, disk full)."""
 
 
 class InvalidInputError(DentError, ValueError):

@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dent.benchmark.config import BenchSection
+from dent.benchmark.config import BenchConfig, BenchSection
 from dent.benchmark.naive import NaiveDent
 from dent.benchmark.timing import peak_memory, profile_breakdown, time_calls
+from dent.confbase import as_section
 from dent.defenses import Dent, DentConfig
 from dent.models import ARCHITECTURES, PRETRAINED, build_model, load_model
 from dent.provenance import library_versions, machine_description
@@ -146,7 +147,7 @@ class Bench:
     """One benchmark run of ``cfg.bench`` (``model``: time this module instead of loading ``bench.model``)."""
 
     def __init__(self, cfg: Any, log: Callable[[str], None] = print, model: nn.Module | None = None):
-        self.cfg = cfg
+        self.cfg = cfg = as_section(BenchConfig, cfg, "Bench(cfg)")
         self.b: BenchSection = cfg.bench
         self.log = log
         self.given_model = model

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from dent.outputs import RUN_DIR_HINT, output_dir
 from dent.provenance import write_run_metadata
 from dent.registry import Registry
 from dent.sections import CommandConfig
@@ -53,6 +54,6 @@ def config_from_args(args: argparse.Namespace, file_defaults: dict[str, Any] | N
 
 def prepare_run_dir(cfg: CommandConfig, command_name: str) -> Path:
     """Create the run directory and save the resolved config and provenance in it."""
-    run_dir = cfg.run_dir(command_name)
+    run_dir = output_dir(cfg.run_dir(command_name), "run directory", RUN_DIR_HINT)
     write_run_metadata(run_dir, cfg.to_dict())
     return run_dir

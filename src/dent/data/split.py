@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -43,3 +43,21 @@ class Split:
         """Build a split from uint8 [N, 3, H, W] pixels (as stored and cached) and integer labels."""
         pixels = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255)
         return cls(pixels, torch.from_numpy(np.asarray(labels, dtype=np.int64)), tuple(classes), name)
+
+
+def images_and_labels(data: Any, who: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``data.images`` and ``data.labels`` of any split-like object, checked: float [N, C, H, W] and integer [N]."""
+    images, labels = getattr(data, "images", None), getattr(data, "labels", None)
+    if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise InvalidInputError(
+            f"{who}: expected an object with tensors .images [N, C, H, W] and .labels [N] (e.g. a dent.Split), "
+            f"got {type(data).__name__}"
+        )
+    if images.dim() != 4 or not images.is_floating_point():
+        raise InvalidInputError(f"{who}: images must be a float tensor [N, C, H, W], got {images.dtype} {list(images.shape)}")
+    if labels.dim() != 1 or len(labels) != len(images) or labels.is_floating_point():
+        raise InvalidInputError(
+            f"{who}: labels must be an integer tensor [{len(images)}] (one per image), got {labels.dtype} "
+            f"{list(labels.shape)}"
+        )
+    return images, labels

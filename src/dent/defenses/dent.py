@@ -17,7 +17,9 @@ from dent.defenses.bn import AdaptiveBatchNorm, batch_norm_slots, swapped
 from dent.defenses.config import AffineMode, BNArithmetic, DentConfig, InputMode, SampleGrad, StatsMode
 from dent.defenses.objectives import OBJECTIVES
 from dent.defenses.optim import OPTIMIZERS
+from dent.confbase import as_section
 from dent.errors import InvalidInputError
+from dent.models.inputs import check_channels, input_channels
 
 #: How far outside [0, 1] a pixel may be (float rounding in attacks and data pipelines) before it is an error.
 PIXEL_TOLERANCE = 1e-5
@@ -86,6 +88,7 @@ class Dent(nn.Module):
     ``config.steps`` optimizer steps on ``config.objective`` of this batch's predictions w.r.t. the adapted
     tensors, i.e. the BatchNorm scales and shifts (Delta: ``config.affine``) and the width of a Gaussian
     blur applied to the input (Sigma: ``config.input``); then returns the adapted model's logits.
+    ``config`` is a :class:`DentConfig` or a dict of its keys.
 
     The wrapped model is never modified. For the duration of a call it is put in eval mode, its parameters
     stop requiring grad (so steps compute no weight gradients), and its BatchNorms are swapped for
@@ -113,6 +116,8 @@ class Dent(nn.Module):
 
     def __init__(self, model: nn.Module, config: DentConfig = DentConfig()):
         super().__init__()
+        config = as_section(DentConfig, config, "Dent(config)")
+        self._in_channels = input_channels(model, "Dent(model)")
         self.model = model
         self.config = config
         self.objective = OBJECTIVES.get(config.objective)
@@ -287,6 +292,7 @@ class Dent(nn.Module):
             raise InvalidInputError(f"Dent expects floating-point pixel values in [0, 1], got dtype {x.dtype}")
         if x.numel() == 0:
             raise InvalidInputError(f"Dent expects a non-empty batch, got shape {list(x.shape)}")
+        check_channels(self._in_channels, x, "Dent")
         low, high = torch.stack(torch.aminmax(x.detach())).tolist()  # one device sync; NaN propagates
         if not (math.isfinite(low) and math.isfinite(high)):
             bad = int((~torch.isfinite(x)).sum())

@@ -33,6 +33,7 @@ from dent.evaluation.store import ResultStore, read_records
 from dent.evaluation.summary import (
     WORST, Cell, Row, RunSource, Summary, attack_description, cell_fields, format_cell, summarize,
 )
+from dent.outputs import output_dir
 
 PROVENANCE_NAME = "provenance.json"
 
@@ -389,8 +390,7 @@ def to_json(summary: Summary) -> dict[str, Any]:
 # -- writing ----------------------------------------------------------------------------------------
 def write_report(paths: Iterable[str | Path], out_dir: str | Path) -> ReportFiles:
     summary = load_summary(paths)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_dir(out_dir, "report directory", "choose another one (dent report --out DIR)")
     text = markdown(summary)
     files = ReportFiles(out_dir=out_dir, markdown=out_dir / "report.md", csv=out_dir / "results.csv",
                         json=out_dir / "results.json", text=text)

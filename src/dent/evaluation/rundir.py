@@ -25,6 +25,7 @@ from dent.errors import ConfigError, DentError
 from dent.evaluation.config import EvaluateConfig
 from dent.evaluation.store import STORE_NAME, ResultStore
 from dent.identity import flat_hash, refuse_mixing, result_tree
+from dent.outputs import RUN_DIR_HINT, output_dir, writing
 from dent.provenance import write_run_metadata
 
 CONFIG_NAME = "config.yaml"
@@ -81,6 +82,7 @@ def open_run(run_dir: Path, cfg: EvaluateConfig, identity: dict[str, Any]) -> Re
     run_dir = Path(run_dir)
     new_tree = run_tree(cfg, identity)
     new_hash = flat_hash(new_tree)
+    output_dir(run_dir, "run directory", RUN_DIR_HINT)
     store = ResultStore(run_dir / STORE_NAME)
     try:
         # A store without units holds nothing to mix up: its config is simply replaced.
@@ -99,8 +101,9 @@ def open_run(run_dir: Path, cfg: EvaluateConfig, identity: dict[str, Any]) -> Re
     except BaseException:
         store.close()
         raise
-    write_run_metadata(run_dir, config)
-    (run_dir / HASH_NAME).write_text(new_hash + "\n")
+    with writing(run_dir, "run directory", RUN_DIR_HINT):
+        write_run_metadata(run_dir, config)
+        (run_dir / HASH_NAME).write_text(new_hash + "\n")
     return store
 
 

@@ -7,6 +7,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from dent.outputs import output_dir, writing
+
 LOGGER_NAMES = ("dent", "auto-attack")
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
@@ -18,8 +20,9 @@ def run_logging(log_path: Path) -> Iterator[logging.Logger]:
     pyautoattack's messages go only to the file (not to the terminal, where its per-batch warnings would
     interleave with the progress bars); the runner prints a summary of them instead.
     """
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(log_path, mode="a", encoding="utf-8")
+    output_dir(log_path.parent, "directory of the run log")
+    with writing(log_path, "run log"):
+        handler = logging.FileHandler(log_path, mode="a", encoding="utf-8")
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter(FORMAT))
     saved = []

@@ -18,6 +18,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dent.attacks.registry import ATTACKS
+from dent.confbase import as_section
+from dent.data.split import images_and_labels
 from dent.defenses.config import DentConfig
 from dent.errors import ConfigError
 from dent.evaluation.config import EvaluateConfig
@@ -26,6 +28,7 @@ from dent.evaluation.runlog import run_logging
 from dent.evaluation.store import STORE_NAME, ResultStore, UnitRecord
 from dent.evaluation.units import CLEAN, Unit, plan_units, repeat_context
 from dent.identity import data_digest, file_digest, model_identity
+from dent.models.inputs import check_channels, input_channels
 from dent.runtime import resolve_device, use_deterministic_kernels
 from dent.threat import check_eps
 
@@ -92,7 +95,7 @@ def evaluation_subsets(cfg: EvaluateConfig, data: Any = None) -> dict[int, tuple
         splits = {seed: load_data_from_config(cfg, seed) for seed in seeds}
     subsets = {}
     for seed, split in splits.items():
-        images, labels = split.images, split.labels
+        images, labels = images_and_labels(split, "evaluate(data=...)")
         if len(labels) < cfg.data.n_images:
             raise ConfigError(f"config key 'data.n_images': {cfg.data.n_images} images requested but the split "
                               f"has only {len(labels)}")
@@ -219,17 +222,21 @@ def evaluate(
 ) -> EvaluationRun:
     """Evaluate ``cfg``'s defenses on its model and data, resuming from the run directory's store.
 
+    ``cfg`` may also be a plain dict of config keys (validated, missing keys at their defaults).
     ``model`` (a static ``nn.Module``), ``data`` (an object with ``images`` and ``labels``) and
     ``defense_factory`` replace loading them by name from the config. A model or data passed in is part of
     the run's identity (a digest of its tensors): it names the default run directory and keys every unit, so
     results of different models or data never stand in for each other.
     """
     start = time.perf_counter()
+    cfg = as_section(EvaluateConfig, cfg, "evaluate(cfg)")
     device = resolve_device(cfg.device)
     use_deterministic_kernels()
     # Everything that can fail on bad input runs before the run directory is created or touched.
     subsets = evaluation_subsets(cfg, data)
     first = subsets[cfg.data.seed]
+    if model is not None:
+        check_channels(input_channels(model, "evaluate(model=...)"), first[0], "evaluate(model=..., data=...)")
     identity = measured_identity(cfg, model, first if data is not None else None)
     chash = run_hash(cfg, identity)
     run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir("evaluate", chash)

@@ -8,14 +8,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dent.outputs import writing
+
 HISTORY_FILE = "history.json"
 CURVES_FILE = "curves.png"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with writing(path, "training log file"):
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 def write_history(run_dir: Path, history: dict[str, Any]) -> Path:

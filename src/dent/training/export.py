@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from dent.errors import DentError
+from dent.outputs import output_dir
 from dent.training.curves import CURVES_FILE
 from dent.training.trainer import CHECKPOINT_FILE, load_checkpoint
 
@@ -40,12 +41,13 @@ def export_reference_checkpoint(
         )
     if not name or not all(c.isalnum() or c in "_-." for c in name):
         raise ExportError(f"reference name {name!r}: expected letters, digits, '_', '-' or '.'")
+    out_dir = output_dir(directory if directory is not None else CHECKPOINT_DIR, "export directory",
+                         "choose another one (--export-dir DIR); the trained run is kept")
     arch = ckpt["arch"]
     model = build_model(arch)
     model.load_state_dict(ckpt["model"])
     final = _final_accuracy(ckpt["history"])
     train_cfg = ckpt["config"]["train"]
-    out_dir = Path(directory) if directory is not None else CHECKPOINT_DIR
     weights = save_reference(
         model, name, arch, directory=out_dir,
         metadata={

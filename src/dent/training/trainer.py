@@ -26,9 +26,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dent.confbase import as_section
 from dent.data.split import Split
 from dent.errors import ConfigError, CorruptFileError, DentError
 from dent.identity import refuse_mixing, result_tree
+from dent.outputs import RUN_DIR_HINT, output_dir, writing
 from dent.provenance import machine_description, write_run_metadata
 from dent.runtime import resolve_device
 from dent.training.adversaries import model_mode
@@ -200,9 +202,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Save ``obj`` to ``path`` atomically; a failed write (e.g. a full disk) leaves the previous file intact."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with writing(path, "training checkpoint", "the previous checkpoint is kept: free space and resume (--resume)"):
+        with open(tmp, "wb") as f:  # a Python file: write errors arrive as OSError, not torch's RuntimeError
+            torch.save(obj, f)
+        os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -259,7 +264,7 @@ class Trainer:
         console: bool = True,
         command: str | None = None,
     ):
-        self.cfg = cfg
+        self.cfg = cfg = as_section(TrainConfig, cfg, "Trainer(cfg)")
         self.command = command  # the command line, recorded in the checkpoint and the model card
         self.tcfg: TrainSection = cfg.train
         self.recipe: Recipe = RECIPES.get(cfg.train.recipe)
@@ -369,7 +374,7 @@ class Trainer:
 
     def run(self, until_epoch: int | None = None, resume: bool | str | Path | None = None) -> TrainResult:
         """Train up to ``until_epoch`` (default ``train.epochs``), resuming when asked; returns the result."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        output_dir(self.run_dir, "training run directory", RUN_DIR_HINT)
         handlers = self._attach_log()
         try:
             return self._run(until_epoch, resume)
@@ -584,7 +589,11 @@ def train(
     console: bool = True,
     command: str | None = None,
 ) -> TrainResult:
-    """Train as ``cfg`` says (loading CIFAR and building the model unless ``data`` / ``build`` are given)."""
+    """Train as ``cfg`` says (loading CIFAR and building the model unless ``data`` / ``build`` are given).
+
+    ``cfg`` may also be a plain dict of config keys (validated, missing keys at their defaults).
+    """
+    cfg = as_section(TrainConfig, cfg, "train(cfg)")
     if build is None:  # fail on a bad architecture name before loading data or creating the run directory
         from dent.models import ARCHITECTURES
 
