@@ -216,10 +216,12 @@ def test_reading_a_store_writes_nothing(finished_run, tmp_path):
     with pytest.raises(CorruptFileError, match="empty SQLite database"):
         ResultStore(empty, create=False)
     assert empty.stat().st_size == 0
+    before = digest(finished_run)
     with ResultStore(finished_run / STORE_NAME, create=False) as store:
         record = next(store.records())
         with pytest.raises(OutputError, match="read-only"):  # the connection is read-only, even for root
             store.put(UnitRecord(**{**record.__dict__, "key": "another"}))
+    assert digest(finished_run) == before  # no side files (-shm, -wal) left beside the store
 
 
 def test_a_full_disk_keeps_the_finished_units(tmp_path):

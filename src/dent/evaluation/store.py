@@ -18,7 +18,6 @@ machine its own run directory and merge at report time.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import sqlite3
 from contextlib import closing, contextmanager
@@ -198,18 +197,17 @@ class ResultStore:
 
 
 def readonly_uri(path: Path) -> str:
-    """The SQLite URI that opens ``path`` for reading only.
+    """The SQLite URI that opens ``path`` for reading only, leaving its directory as it was.
 
-    A reader of a WAL database normally creates the ``-shm`` index beside it, which a directory without
-    write access forbids. There, if no ``-wal`` file exists (no connection is open and every commit is in
-    the main file; a writer would have to create one), the file is opened as immutable, which reads it
-    without any side file.
+    A reader of a WAL database creates the ``-shm`` index (and an empty ``-wal``) beside it and, being
+    read-only, cannot remove them on closing; in a directory without write access it cannot open at all.
+    So when no ``-wal`` file exists (no connection has the store open, every commit is in the main file),
+    the store is opened as immutable, which reads it without locks or side files. A writer starting during
+    such a read appends to its own new ``-wal`` and changes the main file only at a later checkpoint. With a
+    ``-wal`` present (a run in progress, or one killed), the normal read-only mode reads it.
     """
     uri = f"{path.resolve().as_uri()}?mode=ro"
-    wal = path.with_name(path.name + "-wal")
-    if not os.access(path.parent, os.W_OK) and not wal.exists():
-        uri += "&immutable=1"
-    return uri
+    return uri if path.with_name(path.name + "-wal").exists() else uri + "&immutable=1"
 
 
 def _columns(db: sqlite3.Connection) -> dict[str, set[str]]:
