@@ -15,6 +15,7 @@ from typing import Annotated, Any, ClassVar, Iterable, Optional, TypeVar
 from pydantic import AfterValidator, Field
 
 from dent.confbase import NON_RESULT, Section, deep_merge, parse_overrides, read_yaml, validated
+from dent.errors import ConfigError
 from dent.identity import flat_hash, result_tree
 from dent.runtime import DEVICE_CHOICES
 from dent.threat import ThreatModel
@@ -69,6 +70,10 @@ class OutputSection(Section):
 ConfigT = TypeVar("ConfigT", bound="CommandConfig")
 
 
+#: The key by which a config file names the config file it is based on (see :meth:`CommandConfig.read_file`).
+BASE_KEY = "base"
+
+
 class CommandConfig(Section):
     """Base of a command's config: where its outputs go, how it is loaded and how its run directory is named."""
 
@@ -97,12 +102,39 @@ class CommandConfig(Section):
 
         ``file_defaults`` stands in for the YAML file when none is given (a command's built-in job).
         """
-        data = cls().to_dict()
-        file_data = cls.without_legacy_keys(read_yaml(cfg_file) if cfg_file is not None else dict(file_defaults or {}))
-        for key in cls.replaced_whole & file_data.keys():
-            data[key] = {}
-        data = deep_merge(deep_merge(data, file_data), parse_overrides(overrides))
-        return validated(cls, data)
+        file_data = cls.read_file(cfg_file) if cfg_file is not None else dict(file_defaults or {})
+        data = cls.merged(cls().to_dict(), cls.without_legacy_keys(file_data))
+        return validated(cls, deep_merge(data, parse_overrides(overrides)))
+
+    @classmethod
+    def read_file(cls, path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+        """A config file's sections over those of the file it names as ``base`` (a path relative to it).
+
+        A file that differs from another in a few keys says ``base: other.yaml`` and only those keys, instead
+        of a pasted copy that drifts; bases may have bases of their own.
+        """
+        path = Path(path)
+        data = read_yaml(path)
+        base = data.pop(BASE_KEY, None)
+        if base is None:
+            return data
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"config file {str(path)!r}: {BASE_KEY!r} must be the path of another config file "
+                              f"(relative to this one), got {base!r}")
+        chain = (*_chain, path.resolve())
+        base_path = (path.parent / base).resolve()
+        if base_path in chain:
+            cycle = " -> ".join(str(p) for p in (*chain, base_path))
+            raise ConfigError(f"config file {str(path)!r}: {BASE_KEY!r} {base!r} makes a cycle ({cycle})")
+        return cls.merged(cls.read_file(base_path, chain), data)
+
+    @classmethod
+    def merged(cls, under: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+        """``over`` merged into ``under``; sections of :attr:`replaced_whole` in ``over`` replace ``under``'s."""
+        under = dict(under)
+        for key in cls.replaced_whole & over.keys():
+            under[key] = {}
+        return deep_merge(under, over)
 
     @classmethod
     def from_stored(cls: type[ConfigT], data: dict[str, Any]) -> ConfigT:
