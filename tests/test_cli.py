@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import json
 import tarfile
 
 import pytest
@@ -121,7 +122,10 @@ def test_accuracy_on_tiny_imagefolder_archive(capsys, tmp_path):
     assert "on 10 stratified cifar10 test images" in out
     saved = tmp_path / "runs" / "acc"
     assert (saved / "config.yaml").is_file() and (saved / "provenance.json").is_file()
-    assert (saved / "result.json").is_file()
+    result = json.loads((saved / "result.json").read_text())
+    low, high = result["ci95_wilson"]
+    assert low <= result["clean_accuracy"] <= high and high - low > 0.1  # 10 images: a wide interval
+    assert f"(95% interval {low:.1%} to {high:.1%})" in out
 
 
 def test_shipped_resnet18_clean_accuracy(cifar10_dir, tmp_path):

@@ -15,6 +15,7 @@ from dent.defenses import DentConfig
 from dent.defenses.presets import PRESETS
 from dent.errors import ConfigError
 from dent.evaluation.config import EvaluateConfig
+from dent.evaluation.mainjob import main_job
 from dent.identity import result_tree
 from dent.evaluation.store import ResultStore
 from dent.evaluation.units import content_hash
@@ -145,11 +146,19 @@ def committed_runs() -> list[Path]:
     return sorted(path.parent for path in (ROOT / "results").rglob("results.sqlite"))
 
 
+#: Config files outside the repository that committed runs were made with -> the config in cfgs/ that the
+#: README's command for them uses instead (the tests below check that both resolve to the same run).
+MEASUREMENT_CONFIGS = {"/work/measure/sec_official.yaml": CFGS / "security_dent_plus_official.yaml"}
+
+
 def recomputed_config(run: Path) -> EvaluateConfig:
     """The config a committed run's command line resolves to with today's cfgs/ (from its provenance.json)."""
     argv = json.loads((run / "provenance.json").read_text())["argv"][2:]  # drop the program and the command
+    if "--cfg" not in argv:  # the main job
+        return EvaluateConfig.load(None, argv, file_defaults=main_job())
     i = argv.index("--cfg")
-    return EvaluateConfig.load(ROOT / argv[i + 1], argv[:i] + argv[i + 2:])
+    cfg_file = MEASUREMENT_CONFIGS.get(argv[i + 1], ROOT / argv[i + 1])
+    return EvaluateConfig.load(cfg_file, argv[:i] + argv[i + 2:])
 
 
 @pytest.mark.parametrize("run", committed_runs(), ids=lambda run: str(run.relative_to(ROOT / "results")))

@@ -8,6 +8,7 @@ import json
 from dent.cli.command import command, config_from_args, prepare_run_dir
 from dent.data import load_subset
 from dent.evaluation.accuracy import clean_accuracy
+from dent.evaluation.summary import wilson_interval
 from dent.models import load_model
 from dent.runtime import resolve_device
 from dent.sections import ModelDataConfig
@@ -29,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
     )
     run_dir = prepare_run_dir(cfg, "accuracy")
     acc = clean_accuracy(model, data.images, data.labels, batch_size=cfg.data.batch_size, device=device)
+    n = len(data.labels)
+    low, high = wilson_interval(round(acc * n), n)
     result = {
         "model": cfg.model.arch,
         "dataset": cfg.data.dataset,
@@ -36,12 +39,13 @@ def run(args: argparse.Namespace) -> int:
         "n_images": len(data.labels),
         "subset_seed": cfg.data.seed,
         "clean_accuracy": acc,
+        "ci95_wilson": [low, high],
         "device": str(device),
     }
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))
     print(
         f"clean accuracy of {cfg.model.arch} on {len(data.labels)} stratified {cfg.data.dataset} "
-        f"{cfg.data.split} images (seed {cfg.data.seed}): {acc:.2%}"
+        f"{cfg.data.split} images (seed {cfg.data.seed}): {acc:.2%} (95% interval {low:.1%} to {high:.1%})"
     )
     print(f"results: {run_dir}")
     return 0
