@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 from dent.attacks.config import AttackSection
 from dent.confbase import NON_RESULT, OMITTED_AT_DEFAULT, Section
 from dent.defenses.config import DentConfig
+from dent.defenses.kinds import DefenseSpec
 from dent.sections import CommandConfig, DataSection, DeviceName, ModelSection
 
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -61,7 +62,8 @@ class EvaluateConfig(CommandConfig):
 
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
-    defenses: dict[str, DentConfig] = Field(
+    # Each entry a defense kind's config (dent.defenses.kinds); without `kind`, a DentConfig.
+    defenses: dict[str, DefenseSpec] = Field(
         default_factory=lambda: {"static": DentConfig(steps=0), "dent": DentConfig()}
     )
     attack: AttackSection = AttackSection()

@@ -18,9 +18,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dent.attacks.registry import ATTACKS
-from dent.confbase import as_section
+from dent.confbase import Section, as_section
 from dent.data.split import images_and_labels
-from dent.defenses.config import DentConfig
+from dent.defenses.kinds import build_defense
 from dent.errors import ConfigError
 from dent.evaluation.config import EvaluateConfig
 from dent.evaluation.rundir import LOG_NAME, open_run, run_hash
@@ -34,7 +34,8 @@ from dent.threat import check_eps
 
 log = logging.getLogger("dent.evaluation")
 
-DefenseFactory = Callable[[nn.Module, DentConfig], nn.Module]
+#: Builds a defense around the model from its ``defenses:`` entry (default: :func:`dent.defenses.kinds.build_defense`).
+DefenseFactory = Callable[[nn.Module, Section], nn.Module]
 
 
 @dataclass
@@ -49,12 +50,6 @@ class EvaluationRun:
     n_run: int  # computed now
     seconds: float
     dynamic_warnings: int  # units in which AutoAttack warned that the model is a dynamic defense
-
-
-def default_defense_factory(model: nn.Module, config: DentConfig) -> nn.Module:
-    from dent.defenses import Dent
-
-    return Dent(model, config)
 
 
 def load_model_from_config(cfg: EvaluateConfig) -> nn.Module:
@@ -261,7 +256,7 @@ def _evaluate(cfg, store: ResultStore, run_dir, chash, device, model, subsets, u
 
     if pending and model is None:
         model = load_model_from_config(cfg)
-    factory = defense_factory or default_defense_factory
+    factory = defense_factory or build_defense
     defended: dict[str, nn.Module] = {}
     if model is not None:
         model = model.to(device).eval()

@@ -19,7 +19,7 @@ from functools import cached_property
 from typing import Any, Optional
 
 from dent.attacks.config import AttackPoint
-from dent.defenses.config import DentConfig
+from dent.confbase import Section
 from dent.identity import result_tree
 
 CLEAN = "clean"
@@ -35,7 +35,7 @@ def content_hash(data: Any) -> str:
 class Unit:
     kind: str  # CLEAN or ATTACK
     defense: str
-    defense_config: DentConfig
+    defense_config: Section  # a defense kind's config (dent.defenses.kinds)
     point: Optional[AttackPoint]
     batch_size: int
     batch_index: int
@@ -101,7 +101,7 @@ def repeat_context(identity: dict[str, Any], seed: int, repeat: int, subset_seed
 
 def plan_units(
     *,
-    defenses: dict[str, DentConfig],
+    defenses: dict[str, Section],
     points: list[AttackPoint],
     n_images: int,
     batch_sizes: list[int],

@@ -1,0 +1,195 @@
+"""The defense registry: ``defenses:`` entries by kind, each with its own typed config section.
+
+An entry names its kind (``kind: jpeg``, ``quality: 50``); an entry without ``kind`` (or ``kind: dent``)
+is a :class:`~dent.defenses.config.DentConfig`, serialized exactly as before kinds existed, so every
+earlier config, run hash and unit key is unchanged. ``kind: pipeline`` composes kinds in input order
+(``stages: [jpeg, dent]``: JPEG, then dent adapting on the JPEG'd batch); ``kind: pkg.module:Class``
+names a user's ``nn.Module`` defense, built as ``Class(model, **params)`` with its traits as class
+attributes (:mod:`dent.defenses.protocol`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable, Literal
+
+from pydantic import BeforeValidator, Field, SerializeAsAny, field_validator, model_validator
+from torch import nn
+
+from dent.confbase import Section
+from dent.defenses.config import DentConfig
+from dent.defenses.protocol import Preprocessed
+from dent.defenses.sap import SAP
+from dent.defenses.transforms import JPEG, BitDepth, MedianSmoothing, RandomResizePad, TotalVariationMin
+from dent.registry import Registry
+
+Builder = Callable[[nn.Module, Any], nn.Module]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A defense kind: its config section and how to build it around a model (``build(model, config)``)."""
+
+    config: type[Section]
+    build: Builder
+
+
+DEFENSE_KINDS: Registry[Kind] = Registry("defense kind")
+
+
+def kind_name(config: Section) -> str:
+    """The kind of a defense config (``dent`` for a DentConfig, which has no ``kind`` key)."""
+    return "dent" if isinstance(config, DentConfig) else config.kind
+
+
+def parse_defense(value: Any) -> Any:
+    """A ``defenses:`` entry (mapping, kind name or section) -> its kind's config section.
+
+    An unknown kind is a ``ValueError`` listing the valid ones; a bad key of a known kind is reported with
+    its dotted key (``defenses.NAME.quality``) and the expected range.
+    """
+    if isinstance(value, Section):
+        return value
+    if isinstance(value, str):
+        value = {"kind": value}
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a defense: a mapping of its keys or a kind name, got {value!r}")
+    kind = str(value.get("kind", "dent"))
+    if ":" in kind:
+        cls: type[Section] = ImportedConfig
+    elif kind in DEFENSE_KINDS:
+        cls = DEFENSE_KINDS.get(kind).config
+        rest = {k: v for k, v in value.items() if k != "kind"}
+        value = {**rest, "kind": DEFENSE_KINDS.canonical(kind)} if "kind" in cls.model_fields else rest
+    else:
+        raise ValueError(DEFENSE_KINDS.unknown_message(kind) + ", or a class as 'package.module:Class'")
+    return cls.model_validate(value)  # its errors carry their keys below the entry's
+
+
+#: A ``defenses:`` entry as a config field: parsed by kind, serialized as its own section.
+DefenseSpec = Annotated[SerializeAsAny[Section], BeforeValidator(parse_defense)]
+
+
+def build_defense(model: nn.Module, config: Section) -> nn.Module:
+    """The defense of ``config`` around ``model``."""
+    if isinstance(config, ImportedConfig):
+        return config.build(model)
+    return DEFENSE_KINDS.get(kind_name(config)).build(model, config)
+
+
+def register_kind(name: str, config: type[Section], build: Builder) -> None:
+    DEFENSE_KINDS.register(name, Kind(config, build))
+
+
+def _transform_kind(name: str, config: type[Section], make: Callable[[Any], nn.Module]) -> None:
+    """Register a kind whose defense is the transform ``make(config)`` before the model."""
+    register_kind(name, config, lambda model, cfg: Preprocessed(make(cfg), model))
+
+
+# -- built-in kinds --------------------------------------------------------------------------------
+
+
+class JPEGConfig(Section):
+    kind: Literal["jpeg"] = "jpeg"
+    quality: Annotated[int, Field(ge=1, le=95)] = 75  # PIL's useful range (above 95 disables parts of the codec)
+
+
+class BitDepthConfig(Section):
+    kind: Literal["bit_depth"] = "bit_depth"
+    bits: Annotated[int, Field(ge=1, le=8)] = 4  # levels: 2**bits
+
+
+class MedianConfig(Section):
+    kind: Literal["median"] = "median"
+    size: Annotated[int, Field(ge=1, le=15)] = 2  # window side in pixels (Xu et al.: 2 on CIFAR-10)
+
+
+class TVMConfig(Section):
+    kind: Literal["tvm"] = "tvm"
+    keep: Annotated[float, Field(gt=0, le=1)] = 0.5  # probability that a pixel is kept as a constraint
+    weight: Annotated[float, Field(gt=0)] = 0.03  # weight of the total variation
+    steps: Annotated[int, Field(ge=1, le=1000)] = 30  # projected gradient steps of the solver
+    lr: Annotated[float, Field(gt=0)] = 0.1  # the solver's step size
+
+
+class ResizePadConfig(Section):
+    kind: Literal["resize_pad"] = "resize_pad"
+    min_scale: Annotated[float, Field(gt=0, le=1)] = 0.8  # smallest side, as a fraction of the input's
+
+
+class SAPConfig(Section):
+    kind: Literal["sap"] = "sap"
+    fraction: Annotated[float, Field(gt=0)] = 1.0  # draws per activation map, as a fraction of its size
+
+
+class PipelineConfig(Section):
+    """Kinds composed in input order: the first stage sees the input, the last one wraps the model."""
+
+    kind: Literal["pipeline"] = "pipeline"
+    stages: list[DefenseSpec]
+
+    @field_validator("stages")
+    @classmethod
+    def _not_empty(cls, value: list) -> list:
+        if not value:
+            raise ValueError("at least one stage is needed, e.g. [jpeg, dent]")
+        return value
+
+
+class ImportedConfig(Section):
+    """A user's defense class ``package.module:Class``, built as ``Class(model, **params)``."""
+
+    kind: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _importable_with_params(self) -> "ImportedConfig":
+        cls = import_defense(self.kind)
+        try:
+            inspect.signature(cls).bind(None, **self.params)
+        except TypeError as exc:
+            raise ValueError(f"{self.kind} cannot be built as {cls.__name__}(model, **params) with params "
+                             f"{self.params}: {exc}") from None
+        return self
+
+    def build(self, model: nn.Module) -> nn.Module:
+        return import_defense(self.kind)(model, **self.params)
+
+
+def import_defense(path: str) -> type[nn.Module]:
+    """The ``nn.Module`` subclass named ``package.module:Class``; ValueError saying what is wrong."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"expected a defense class as 'package.module:Class', got {path!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import module {module_name!r} of defense {path!r}: {exc}") from None
+    cls = getattr(module, attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"{path!r} is not an nn.Module class (module {module_name!r} has no such class)")
+    return cls
+
+
+def _build_dent(model: nn.Module, config: DentConfig) -> nn.Module:
+    from dent.defenses.dent import Dent  # deferred: dent.py imports the whole adaptation machinery
+
+    return Dent(model, config)
+
+
+def _build_pipeline(model: nn.Module, config: PipelineConfig) -> nn.Module:
+    for stage in reversed(config.stages):
+        model = build_defense(model, stage)
+    return model
+
+
+register_kind("dent", DentConfig, _build_dent)
+_transform_kind("jpeg", JPEGConfig, lambda c: JPEG(c.quality))
+_transform_kind("bit_depth", BitDepthConfig, lambda c: BitDepth(c.bits))
+_transform_kind("median", MedianConfig, lambda c: MedianSmoothing(c.size))
+_transform_kind("tvm", TVMConfig, lambda c: TotalVariationMin(c.keep, c.weight, c.steps, c.lr))
+_transform_kind("resize_pad", ResizePadConfig, lambda c: RandomResizePad(c.min_scale))
+register_kind("sap", SAPConfig, lambda model, c: SAP(model, c.fraction))
+register_kind("pipeline", PipelineConfig, _build_pipeline)
