@@ -67,3 +67,17 @@ def write_small_checkpoint(path: Path, arch: str = "resnet26_1", seed: int = 0) 
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
     return path
+
+
+class NoisyDefense(nn.Module):
+    """A user's own defense for the tests: Gaussian noise on the input, then the model (randomized)."""
+
+    randomized = True
+
+    def __init__(self, model: nn.Module, std: float = 0.1):
+        super().__init__()
+        self.model = model
+        self.std = std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x + self.std * torch.randn_like(x)).clamp(0, 1))

@@ -23,6 +23,7 @@ from dent.attacks.adaptive_config import (
     DEFAULT_N_ITER, DEFAULT_N_RESTARTS, DEFAULT_N_TARGET_CLASSES, AdaptiveSection, Source, adv_count, mix_label,
 )
 from dent.attacks.apgd_batch import apgd_batch
+from dent.attacks.wrappers import BPDA
 from dent.defenses.dent import Dent
 from dent.defenses.differentiable import DifferentiableDent, shortened
 from dent.errors import InvalidInputError
@@ -270,35 +271,6 @@ def run_through_adaptation(model: nn.Module, x: Tensor, y: Tensor, point: Any, *
 
 
 # -- BPDA + EOT on a shortened defense ------------------------------------------------------------
-
-
-class BPDA(nn.Module):
-    """Forward: the defense's answer. Backward: the gradient of ``approximation`` at a noisy copy of the input.
-
-    ``noise`` is the std of Gaussian noise added (then clipped to [0, 1]) for each call, so that APGD's
-    ``eot_iter`` calls average the gradient over noise draws (expectation over transformation).
-    """
-
-    def __init__(self, defense: nn.Module, approximation: nn.Module, noise: float = 0.0):
-        super().__init__()
-        self.defense = defense
-        self.approximation = approximation
-        self.noise = noise
-        self._cache: tuple[Tensor, Tensor] | None = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        key = x.detach()
-        if self._cache is not None and self._cache[0].shape == key.shape and torch.equal(self._cache[0], key):
-            value = self._cache[1]
-        else:
-            with torch.no_grad():
-                value = self.defense(key)
-            self._cache = (key.clone(), value)
-        if not (torch.is_grad_enabled() and x.requires_grad):
-            return value
-        noisy = x if not self.noise else (x + self.noise * torch.randn_like(x)).clamp(0, 1)
-        approx = self.approximation(noisy)
-        return approx + (value - approx).detach()
 
 
 def run_bpda_eot(model: nn.Module, x: Tensor, y: Tensor, point: Any, *, device, seed: int, progress: bool = False):

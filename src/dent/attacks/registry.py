@@ -53,5 +53,9 @@ def _register_builtin() -> None:
     for name, runner in ADAPTIVE_RUNNERS.items():
         ATTACKS.register(name, runner)
 
+    from dent.attacks.wrappers import run_declared_apgd  # any defense, by its declared traits
+
+    ATTACKS.register("declared_apgd", run_declared_apgd)
+
 
 _register_builtin()

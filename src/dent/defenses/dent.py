@@ -114,6 +114,16 @@ class Dent(nn.Module):
     against the static forward and a naive implementation (docs/performance.md).
     """
 
+    # Traits of the defense protocol (dent.defenses.protocol): the final prediction is differentiable and
+    # deterministic; the defense adapts to its batch unless it is the static model.
+    @property
+    def adaptive(self) -> bool:
+        return self.config.steps > 0 or self.config.stats is StatsMode.BATCH
+
+    @property
+    def cost(self) -> float:
+        return 2.0 * self.config.steps + 1  # forward passes per call (see Cost above)
+
     def __init__(self, model: nn.Module, config: DentConfig = DentConfig()):
         super().__init__()
         config = as_section(DentConfig, config, "Dent(config)")

@@ -71,7 +71,7 @@ class StraightThrough(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         approx = self.approximation(x)
-        return approx + (self.transform(x) - approx).detach()
+        return self.transform(x).detach() + (approx - approx.detach())  # exactly the transform's values
 
 
 class Identity(nn.Module):
