@@ -141,7 +141,7 @@ def evaluate_config(defenses):
     ({"kind": "tvm", "keep": 0}, r"'defenses\.d\.keep'.*greater than 0"),
     ({"kind": "tvm", "keep": 1.5}, r"'defenses\.d\.keep'.*less than or equal to 1"),
     ({"kind": "tvm", "weight": 0}, r"'defenses\.d\.weight'.*greater than 0"),
-    ({"kind": "tvm", "steps": 0}, r"'defenses\.d\.steps'.*greater than or equal to 1"),
+    ({"kind": "tvm", "iterations": 0}, r"'defenses\.d\.iterations'.*greater than or equal to 1"),
     ({"kind": "tvm", "lr": -1}, r"'defenses\.d\.lr'.*greater than 0"),
     ({"kind": "resize_pad", "min_scale": 0}, r"'defenses\.d\.min_scale'.*greater than 0"),
     ({"kind": "resize_pad", "min_scale": 1.2}, r"'defenses\.d\.min_scale'.*less than or equal to 1"),

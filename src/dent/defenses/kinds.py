@@ -110,7 +110,7 @@ class TVMConfig(Section):
     kind: Literal["tvm"] = "tvm"
     keep: Annotated[float, Field(gt=0, le=1)] = 0.5  # probability that a pixel is kept as a constraint
     weight: Annotated[float, Field(gt=0)] = 0.03  # weight of the total variation
-    steps: Annotated[int, Field(ge=1, le=1000)] = 30  # projected gradient steps of the solver
+    iterations: Annotated[int, Field(ge=1, le=1000)] = 30  # projected gradient steps of the solver
     lr: Annotated[float, Field(gt=0)] = 0.1  # the solver's step size
 
 
@@ -189,7 +189,7 @@ register_kind("dent", DentConfig, _build_dent)
 _transform_kind("jpeg", JPEGConfig, lambda c: JPEG(c.quality))
 _transform_kind("bit_depth", BitDepthConfig, lambda c: BitDepth(c.bits))
 _transform_kind("median", MedianConfig, lambda c: MedianSmoothing(c.size))
-_transform_kind("tvm", TVMConfig, lambda c: TotalVariationMin(c.keep, c.weight, c.steps, c.lr))
+_transform_kind("tvm", TVMConfig, lambda c: TotalVariationMin(c.keep, c.weight, c.iterations, c.lr))
 _transform_kind("resize_pad", ResizePadConfig, lambda c: RandomResizePad(c.min_scale))
 register_kind("sap", SAPConfig, lambda model, c: SAP(model, c.fraction))
 register_kind("pipeline", PipelineConfig, _build_pipeline)

@@ -292,6 +292,12 @@ def _defense_configs(summary: Summary) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _defense_text(cfg: dict[str, Any]) -> str:
+    kind = cfg.get("kind")  # only non-dent kinds have one (dent.defenses.kinds)
+    if kind == "pipeline":
+        return " then ".join(_defense_text(stage) for stage in cfg["stages"])
+    if kind is not None:
+        params = {**cfg.get("params", {}), **{k: v for k, v in cfg.items() if k not in ("kind", "params")}}
+        return kind + (" " + " ".join(f"{k}={v}" for k, v in params.items()) if params else "")
     if int(cfg.get("steps", 0)) == 0 and cfg.get("stats") == "fixed" and cfg.get("input") in ("none", None):
         return "static"
     parts = [f"{cfg.get('steps')} steps", f"affine {cfg.get('affine')}", f"stats {cfg.get('stats')}"]

@@ -3,7 +3,7 @@
 Each image is reconstructed from a random subset of its pixels (each kept with probability ``keep``) by
 minimizing ``0.5 * sum(mask * (z - x)**2) + weight * TV(z)`` over ``z`` in [0, 1], TV being the isotropic
 total variation (smoothed by ``1e-6`` under the root so that it is differentiable at flat regions). The
-problem is solved by ``steps`` steps of projected gradient descent from ``x`` (Guo et al. use a
+problem is solved by ``iterations`` steps of projected gradient descent from ``x`` (Guo et al. use a
 dedicated solver; a fixed number of steps keeps the transform batched and on the input's device).
 """
 
@@ -33,16 +33,16 @@ class TotalVariationMin(Transform):
     randomized = True
     cost = 0.5
 
-    def __init__(self, keep: float = 0.5, weight: float = 0.03, steps: int = 30, lr: float = 0.1):
+    def __init__(self, keep: float = 0.5, weight: float = 0.03, iterations: int = 30, lr: float = 0.1):
         super().__init__()
-        self.keep, self.weight, self.steps, self.lr = keep, weight, steps, lr
+        self.keep, self.weight, self.iterations, self.lr = keep, weight, iterations, lr
 
     def apply(self, x: Tensor) -> Tensor:
         x = x.detach()
         mask = (torch.rand(x.shape[0], 1, *x.shape[2:], device=x.device) < self.keep).to(x.dtype)
         z = x.clone()
         with torch.enable_grad():
-            for _ in range(self.steps):
+            for _ in range(self.iterations):
                 z.requires_grad_(True)
                 objective = 0.5 * (mask * (z - x) ** 2).sum() + self.weight * total_variation(z).sum()
                 (grad,) = torch.autograd.grad(objective, z)

@@ -1,0 +1,117 @@
+"""Generic BPDA and EOT driven by declared traits: a zero-gradient transform stops plain APGD, not BPDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dent.attacks.apgd_batch import apgd_batch
+from dent.attacks.wrappers import BPDA, EOT, attack_view
+from dent.defenses.protocol import Preprocessed
+from dent.defenses.transforms import BitDepth, RandomResizePad
+from dent.evaluation.config import EvaluateConfig
+from dent.evaluation.report import load_summary
+from dent.evaluation.runner import evaluate
+
+from eval_support import NoisyDefense, fake_data, tiny_net
+
+EPS = 8 / 255
+
+
+class Linear2(nn.Module):
+    """Two classes, logits (s, -s) with s = w . (x - 0.5)."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.w = w
+
+    def forward(self, x):
+        s = ((x - 0.5).flatten(1) * self.w).sum(dim=1)
+        return torch.stack([s, -s], dim=1)
+
+
+def toy_problem():
+    """Images at margin 4/255 * ||w||_1 from the boundary: broken by the worst case at eps 8/255 (which
+    moves s by 8/255 * ||w||_1), never by APGD's random start (std about eps * ||w||_2 / sqrt(3))."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(0, 2, (3 * 8 * 8,), generator=g).float() * 2 - 1
+    y = torch.tensor([0, 1, 0, 1])
+    sign = 1 - 2 * y.float()  # class 0: s > 0
+    x = 0.5 + (4 / 255) * sign[:, None] * w[None]
+    return Linear2(w), x.view(4, 3, 8, 8), y
+
+
+def test_plain_apgd_is_stopped_by_a_zero_gradient_transform_and_bpda_is_not():
+    model, x, y = toy_problem()
+    defense = Preprocessed(BitDepth(8), model)
+    with torch.no_grad():
+        assert torch.equal(defense(x).argmax(1), y)
+    plain = apgd_batch(defense, x, y, attack="apgd-ce", eps=EPS, n_iter=10)
+    assert plain.robust.all()  # the gradient through rounding is zero: APGD cannot move
+    view = attack_view(defense)
+    assert isinstance(view, BPDA)
+    broken = apgd_batch(view, x, y, attack="apgd-ce", eps=EPS, n_iter=10)
+    assert not broken.robust.any()
+    with torch.no_grad():  # the adversarial inputs break the defense itself, within the ball
+        assert (defense(broken.x_adv).argmax(1) != y).all()
+    assert (broken.x_adv - x).abs().max() <= EPS + 1e-6
+
+
+def test_bpda_answers_are_the_defense_s_and_its_gradient_the_surrogate_s():
+    model, x, _ = toy_problem()
+    defense = Preprocessed(BitDepth(2), model)
+    view = BPDA(defense)
+    xg = x.clone().requires_grad_(True)
+    out = view(xg)
+    assert torch.equal(out.detach(), defense(x))
+    out[:, 0].sum().backward()
+    assert torch.allclose(xg.grad.flatten(1), model.w.expand(4, -1))
+
+
+def test_attack_view_follows_the_declarations_only():
+    net = tiny_net()
+    assert attack_view(net) is net  # differentiable, deterministic: the defense itself
+    noisy = NoisyDefense(net)
+    view = attack_view(noisy, 5)
+    assert isinstance(view, EOT) and view.model is noisy and view.samples == 5
+    both = Preprocessed(BitDepth(4), Preprocessed(RandomResizePad(), net))
+    view = attack_view(both)
+    assert isinstance(view, EOT) and isinstance(view.model, BPDA)
+
+
+def test_eot_averages_the_draws():
+    class Counter(nn.Module):
+        randomized = True
+
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return x * self.calls
+
+    counter = Counter()
+    out = EOT(counter, 4)(torch.ones(1, 2))
+    assert counter.calls == 4 and torch.allclose(out, torch.full((1, 2), 2.5))
+
+
+def test_evaluate_a_jpeg_then_dent_pipeline_end_to_end(tmp_path):
+    """The harness plans, runs and reports a composed defense under the declared-traits attack."""
+    net = tiny_net()
+    data = fake_data(8, model=net)
+    cfg = EvaluateConfig.model_validate({
+        "device": "cpu", "data": {"n_images": 8, "batch_size": 8}, "evaluation": {"progress": False},
+        "defenses": {"jpeg_dent": {"kind": "pipeline", "stages": [{"kind": "jpeg", "quality": 60},
+                                                                   {"steps": 1, "lr": 0.01}]}},
+        "attack": {"name": "declared_apgd", "threats": ["Linf:8/255"], "n_iter": [2], "n_target_classes": 1},
+    })
+    run = evaluate(cfg, model=net, data=data, run_dir=tmp_path / "run")
+    assert run.n_run == 2  # clean and attack units
+    summary = load_summary([run.run_dir])
+    (row,) = summary.rows
+    assert row.defense == "jpeg_dent" and row.natural.n == 8
+    assert set(row.attacks) and all(pr.worst.n == 8 for pr in row.attacks.values())
+    again = evaluate(cfg, model=net, data=data, run_dir=tmp_path / "run")
+    assert again.n_skipped == 2 and again.n_run == 0  # resumable by unit key
