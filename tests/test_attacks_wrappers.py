@@ -115,3 +115,16 @@ def test_evaluate_a_jpeg_then_dent_pipeline_end_to_end(tmp_path):
     assert set(row.attacks) and all(pr.worst.n == 8 for pr in row.attacks.values())
     again = evaluate(cfg, model=net, data=data, run_dir=tmp_path / "run")
     assert again.n_skipped == 2 and again.n_run == 0  # resumable by unit key
+
+
+def test_mixed_batches_attack_a_non_differentiable_defense_through_bpda():
+    """The mixed-batch attack reads the declarations too: with a rounding transform before the model it
+    still breaks the toy points (plain gradients would be zero)."""
+    from dent.attacks.adaptive import MixedBatch, adaptive_attack
+
+    model, x, y = toy_problem()
+    defense = Preprocessed(BitDepth(8), model)
+    mixed = MixedBatch(defense, x, [0, 1])
+    assert mixed.differentiable is False and isinstance(attack_view(mixed), BPDA)
+    outcome = adaptive_attack(defense, x, y, "mixed", eps=EPS, n_iter=10, attacks=("apgd-ce",), mixed=[2])
+    assert not outcome.robust["mixed 2 adv"].any()

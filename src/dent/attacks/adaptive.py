@@ -23,8 +23,9 @@ from dent.attacks.adaptive_config import (
     DEFAULT_N_ITER, DEFAULT_N_RESTARTS, DEFAULT_N_TARGET_CLASSES, AdaptiveSection, Source, adv_count, mix_label,
 )
 from dent.attacks.apgd_batch import apgd_batch
-from dent.attacks.wrappers import BPDA
+from dent.attacks.wrappers import BPDA, eot_draws, gradient_view
 from dent.defenses.dent import Dent
+from dent.defenses.protocol import bpda_surrogate, inherit_traits
 from dent.defenses.differentiable import DifferentiableDent, shortened
 from dent.errors import InvalidInputError
 
@@ -162,9 +163,13 @@ class MixedBatch(nn.Module):
 
     def __init__(self, defense: nn.Module, natural: Tensor, index: list[int]):
         super().__init__()
+        inherit_traits(self, defense)
         self.defense = defense
         self.natural = natural.detach()
         self.index = torch.as_tensor(index, dtype=torch.long, device=natural.device)
+
+    def bpda_surrogate(self) -> nn.Module:
+        return MixedBatch(bpda_surrogate(self.defense), self.natural, self.index.tolist())
 
     def compose(self, adversarial: Tensor) -> Tensor:
         return self.natural.index_put((self.index,), adversarial)
@@ -186,7 +191,7 @@ def run_mixed(model: nn.Module, x: Tensor, y: Tensor, point: Any, *, device, see
     every query and the final mixed batch (each input's best adversarial) classify it correctly.
     """
     adaptive = _adaptive(point)
-    budget = _budget(point, "mixed")
+    budget = {**_budget(point, "mixed"), "eot_iter": eot_draws(model, point.eot_iter)}
     subs = adaptive.sub_attacks("mixed")
     size = adaptive.mixed_batch_size or len(x)
     chunks = [list(range(s, min(s + size, len(x)))) for s in range(0, len(x), size)]
@@ -208,7 +213,7 @@ def run_mixed(model: nn.Module, x: Tensor, y: Tensor, point: Any, *, device, see
                 still = torch.ones(n_adv, dtype=torch.bool, device=x.device)
                 best = x_part.clone()
                 for sub in subs:
-                    res = apgd_batch(mixed, x_part, y_part, attack=sub, norm=point.norm, eps=point.eps, seed=seed,
+                    res = apgd_batch(gradient_view(mixed), x_part, y_part, attack=sub, norm=point.norm, eps=point.eps, seed=seed,
                                      **budget)
                     broken_now = still & ~res.robust
                     best[broken_now] = res.x_adv[broken_now]

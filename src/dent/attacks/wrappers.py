@@ -73,21 +73,29 @@ class EOT(nn.Module):
         return torch.stack([self.model(x) for _ in range(self.samples)]).mean(dim=0)
 
 
+def gradient_view(defense: nn.Module) -> nn.Module:
+    """``defense`` itself if it declares a useful gradient, else its :class:`BPDA`."""
+    return defense if traits_of(defense).differentiable else BPDA(defense)
+
+
+def eot_draws(defense: nn.Module, requested: int | None) -> int:
+    """How many draws a gradient averages over: ``requested``, else :data:`DEFAULT_EOT_SAMPLES` for a
+    randomized defense and 1 for a deterministic one."""
+    return requested or (DEFAULT_EOT_SAMPLES if traits_of(defense).randomized else 1)
+
+
 def attack_view(defense: nn.Module, eot_samples: int | None = None) -> nn.Module:
-    """What a gradient attack differentiates for ``defense``: BPDA if it is not differentiable, then EOT
-    over ``eot_samples`` (default :data:`DEFAULT_EOT_SAMPLES`) draws if it is randomized."""
-    traits = traits_of(defense)
-    view: nn.Module = defense if traits.differentiable else BPDA(defense)
-    if traits.randomized:
-        view = EOT(view, eot_samples or DEFAULT_EOT_SAMPLES)
-    return view
+    """What a gradient attack without EOT of its own differentiates for ``defense``: :func:`gradient_view`,
+    wrapped in :class:`EOT` over :func:`eot_draws` draws if it is randomized. (APGD has EOT built in:
+    give it :func:`gradient_view` and ``eot_iter=eot_draws(...)`` instead.)"""
+    view = gradient_view(defense)
+    return EOT(view, eot_draws(defense, eot_samples)) if traits_of(defense).randomized else view
 
 
 def describe_view(defense: nn.Module, eot_samples: int | None = None) -> dict[str, Any]:
     """What :func:`attack_view` did, for a unit's notes."""
     traits = traits_of(defense)
-    return {"traits": traits.to_dict(), "bpda": not traits.differentiable,
-            "eot_samples": (eot_samples or DEFAULT_EOT_SAMPLES) if traits.randomized else 1}
+    return {"traits": traits.to_dict(), "bpda": not traits.differentiable, "eot_samples": eot_draws(defense, eot_samples)}
 
 
 # -- the attack runner ------------------------------------------------------------------------------
@@ -108,9 +116,8 @@ def run_declared_apgd(model: nn.Module, x: Tensor, y: Tensor, point: Any, *, dev
     from dent.attacks.apgd_batch import apgd_batch
     from dent.attacks.registry import AttackOutcome
 
-    traits = traits_of(model)
-    attacked = model if traits.differentiable else BPDA(model)
-    eot = (point.eot_iter or DEFAULT_EOT_SAMPLES) if traits.randomized else 1
+    attacked = gradient_view(model)
+    eot = eot_draws(model, point.eot_iter)
     budget = {key: getattr(point, key) or default for key, default in DECLARED_BUDGET.items()}
     robust, pred = {}, {}
     for sub in DECLARED_SUB_ATTACKS:

@@ -58,6 +58,14 @@ def traits_of(module: nn.Module) -> Traits:
     return Traits(**{**values, "cost": float(cost)})
 
 
+def inherit_traits(wrapper: nn.Module, inner: nn.Module) -> None:
+    """Give ``wrapper`` (a module that calls ``inner`` once per call, e.g. on a composed batch) ``inner``'s
+    traits. A non-differentiable inner needs the wrapper to define ``bpda_surrogate()`` too (the same
+    wrapping around ``bpda_surrogate(inner)``)."""
+    for name, value in traits_of(inner).to_dict().items():
+        setattr(wrapper, name, value)
+
+
 class StraightThrough(nn.Module):
     """The BPDA view of a transform: forward ``transform(x)``, backward the gradient of ``approximation(x)``.
 
