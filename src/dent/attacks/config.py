@@ -132,7 +132,9 @@ class AttackSection(Section):
     own settings; set them to run a reduced attack on a CPU.
     """
 
-    name: str = "autoattack"  # a name in dent.attacks.ATTACKS: autoattack | pgd | an adaptive attack (below)
+    # a name in dent.attacks.ATTACKS: autoattack | pgd | an adaptive attack (below) | declared_apgd (any defense,
+    # BPDA / EOT as its declared traits call for: dent.attacks.wrappers)
+    name: str = "autoattack"
     version: AAVersion = AAVersion.STANDARD  # AutoAttack version; custom runs `attacks`
     attacks: list[str] = Field(default_factory=list)  # custom AutoAttack list, e.g. [apgd-ce, apgd-t]
     mode: AttackMode = AttackMode.ENSEMBLE  # ensemble | individual | both (per-attack, Table 2)
