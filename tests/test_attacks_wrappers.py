@@ -128,3 +128,26 @@ def test_mixed_batches_attack_a_non_differentiable_defense_through_bpda():
     assert mixed.differentiable is False and isinstance(attack_view(mixed), BPDA)
     outcome = adaptive_attack(defense, x, y, "mixed", eps=EPS, n_iter=10, attacks=("apgd-ce",), mixed=[2])
     assert not outcome.robust["mixed 2 adv"].any()
+
+
+def test_a_randomized_defense_is_measured_over_draws_by_repeats(tmp_path, capsys):
+    """One repeat warns that it is one draw; repeats draw again (repeat r seeds with seed + r)."""
+    from dent.evaluation.store import ResultStore
+    from dent.evaluation.rundir import find_store
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)).eval()  # answers vary with the input
+    data = fake_data(16, model=net)
+    cfg = {"device": "cpu", "data": {"n_images": 16, "batch_size": 16},
+           "evaluation": {"progress": False, "report": False, "repeats": 1},
+           "defenses": {"noisy": {"kind": "eval_support:NoisyDefense", "params": {"std": 0.2}}},
+           "attack": {"name": "declared_apgd", "threats": ["Linf:1/255"], "n_iter": [1], "n_target_classes": 1,
+                      "eot_iter": 1}}
+    evaluate(cfg, model=net, data=data, run_dir=tmp_path / "run")
+    assert "defense 'noisy' is randomized" in capsys.readouterr().out
+    cfg["evaluation"]["repeats"] = 3
+    evaluate(cfg, model=net, data=data, run_dir=tmp_path / "run")
+    assert "is randomized" not in capsys.readouterr().out
+    with ResultStore(find_store(tmp_path / "run"), create=False) as store:
+        clean = [r.result["clean_pred"] for r in store.records() if r.kind == "clean"]
+    assert len(clean) == 3 and len({tuple(c) for c in clean}) > 1  # different draws per repeat

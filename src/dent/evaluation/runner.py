@@ -21,6 +21,7 @@ from dent.attacks.registry import ATTACKS
 from dent.confbase import Section, as_section
 from dent.data.split import images_and_labels
 from dent.defenses.kinds import build_defense
+from dent.defenses.protocol import traits_of
 from dent.errors import ConfigError
 from dent.evaluation.config import EvaluateConfig
 from dent.evaluation.rundir import LOG_NAME, open_run, run_hash
@@ -268,6 +269,7 @@ def _evaluate(cfg, store: ResultStore, run_dir, chash, device, model, subsets, u
         bar.set_postfix_str(unit.describe(), refresh=True)
         if unit.defense not in defended:
             defended[unit.defense] = factory(model, unit.defense_config).to(device)
+            _warn_single_draw(unit.defense, defended[unit.defense], cfg.evaluation.repeats)
         t0 = time.perf_counter()
         images, labels = subsets[unit.context["data"]["subset_seed"]]
         result = run_unit(unit, defended[unit.defense], images, labels, device=device, seed=unit.seed,
@@ -296,6 +298,15 @@ def _evaluate(cfg, store: ResultStore, run_dir, chash, device, model, subsets, u
     log.info("evaluate: done in %.1f s (%d units run, %d skipped)", seconds, len(pending), n_skipped)
     return EvaluationRun(run_dir=run_dir, store_path=run_dir / STORE_NAME, config_hash=chash, n_units=len(units),
                          n_skipped=n_skipped, n_run=len(pending), seconds=seconds, dynamic_warnings=dynamic_warnings)
+
+
+def _warn_single_draw(name: str, defense: nn.Module, repeats: int) -> None:
+    """A randomized defense answers differently per draw: one repeat measures one draw of its accuracy."""
+    if repeats == 1 and traits_of(defense).randomized:
+        msg = (f"defense {name!r} is randomized: its accuracies are of one draw; evaluation.repeats R > 1 "
+               "measures R draws (repeat r seeds its draws with seed + r)")
+        log.warning(msg)
+        print(msg)
 
 
 def _log_unit(unit: Unit, result: dict[str, Any], seconds: float, rebatching: Counter) -> None:
