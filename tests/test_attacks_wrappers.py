@@ -10,6 +10,7 @@ from dent.attacks.apgd_batch import apgd_batch
 from dent.attacks.wrappers import BPDA, EOT, attack_view
 from dent.defenses.protocol import Preprocessed
 from dent.defenses.transforms import BitDepth, RandomResizePad
+from dent.errors import InvalidInputError
 from dent.evaluation.config import EvaluateConfig
 from dent.evaluation.report import load_summary
 from dent.evaluation.runner import evaluate
@@ -151,3 +152,50 @@ def test_a_randomized_defense_is_measured_over_draws_by_repeats(tmp_path, capsys
     with ResultStore(find_store(tmp_path / "run"), create=False) as store:
         clean = [r.result["clean_pred"] for r in store.records() if r.kind == "clean"]
     assert len(clean) == 3 and len({tuple(c) for c in clean}) > 1  # different draws per repeat
+
+
+def bit_depth_dent():
+    from dent.defenses import Dent
+
+    return Preprocessed(BitDepth(5), Dent(tiny_net(), {"steps": 2, "lr": 0.01}))
+
+
+def test_dent_variants_behind_a_non_differentiable_transform_get_its_straight_through_gradient():
+    from dent.attacks.adaptive import _dent_of
+    from dent.defenses.differentiable import DifferentiableDent
+
+    pipeline = bit_depth_dent()
+    dent, rewrap = _dent_of(pipeline, "through_adaptation")
+    assert dent is pipeline.model
+    attacked = rewrap(DifferentiableDent(dent))
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    out = attacked(x)
+    with torch.no_grad():
+        assert torch.allclose(out, pipeline(x), atol=1e-5)  # the defense's answers
+    out.sum().backward()
+    assert x.grad.abs().sum() > 0  # through the rounding (straight-through) and the adaptation
+    xp = x.detach().clone().requires_grad_(True)
+    pipeline(xp).sum().backward()
+    assert xp.grad.abs().sum() == 0  # the pipeline's own gradient is zero
+
+
+@pytest.mark.parametrize("name", ["transfer", "through_adaptation", "bpda_eot", "surrogate_transfer", "mixed"])
+def test_every_adaptive_attack_runs_on_transforms_before_dent(name):
+    from dent.attacks.adaptive import adaptive_attack
+
+    net = tiny_net()
+    data = fake_data(8, model=net)
+    extra = {"version": "custom", "attacks": ("apgd-ce",)} if name == "transfer" else {"attacks": ("apgd-ce",)}
+    if name == "mixed":
+        extra["mixed"] = [0.5]
+    outcome = adaptive_attack(bit_depth_dent(), data.images, data.labels, name, eps=8 / 255, n_iter=2, n_restarts=1,
+                              **extra)
+    assert outcome.robust and all(flags.shape == (8,) for flags in outcome.robust.values())
+
+
+def test_dent_attacks_refuse_a_defense_without_dent_and_point_to_declared_apgd():
+    from dent.attacks.adaptive import adaptive_attack
+
+    with pytest.raises(InvalidInputError, match="declared_apgd"):
+        adaptive_attack(Preprocessed(BitDepth(4), tiny_net()), torch.rand(2, 3, 8, 8), torch.tensor([0, 1]),
+                        "through_adaptation", eps=8 / 255, n_iter=1)

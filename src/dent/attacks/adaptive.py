@@ -4,7 +4,8 @@ BPDA+EOT on a shortened defense, and transfer from stronger surrogates.
 Each is an attack runner of :mod:`dent.attacks.registry` (``runner(model, x, y, point, *, device, seed,
 progress) -> AttackOutcome``), selected by ``attack.name`` with its knobs in ``attack.adaptive`` (see
 :mod:`dent.attacks.adaptive_config`); ``model`` is the defense under evaluation (a
-:class:`~dent.defenses.Dent`; ``mixed`` takes any model). Results are per point and per label; a point's
+:class:`~dent.defenses.Dent`, or input transforms before one, whose variants are then attacked behind the
+same transforms, straight-through where they are not differentiable; ``mixed`` takes any model). Results are per point and per label; a point's
 robust accuracy in the report is the worst case over every label and every attack run on the defense.
 
 Every reported prediction is the defense's own answer for a batch that was actually submitted to it
@@ -14,7 +15,7 @@ Every reported prediction is the defense's own answer for a batch that was actua
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -25,23 +26,30 @@ from dent.attacks.adaptive_config import (
 from dent.attacks.apgd_batch import apgd_batch
 from dent.attacks.wrappers import BPDA, eot_draws, gradient_view
 from dent.defenses.dent import Dent
-from dent.defenses.protocol import bpda_surrogate, inherit_traits
+from dent.defenses.protocol import behind_transforms, bpda_surrogate, inherit_traits
 from dent.defenses.differentiable import DifferentiableDent, shortened
 from dent.errors import InvalidInputError
+
+#: Puts a variant of the defense's Dent behind the defense's input transforms (identity for a bare Dent).
+Rewrap = Callable[[nn.Module], nn.Module]
 
 #: bpda_eot's EOT samples when ``attack.eot_iter`` is not set (and ``adaptive.eot_noise`` > 0; else 1).
 DEFAULT_EOT_ITER = 4
 
 
-def _dent_of(model: nn.Module, attack: str) -> Dent:
-    if isinstance(model, DifferentiableDent):
-        return model.dent
-    if not isinstance(model, Dent):
+def _dent_of(model: nn.Module, attack: str) -> tuple[Dent, Rewrap]:
+    """The Dent of the defense (behind its input transforms, if any: a pipeline ending in dent) and the
+    function that puts a variant of it behind the same transforms (``behind_transforms``)."""
+    core, rewrap = behind_transforms(model)
+    if isinstance(core, DifferentiableDent):
+        return core.dent, rewrap
+    if not isinstance(core, Dent):
         raise InvalidInputError(
-            f"attack {attack!r} needs the defense to be a dent.defenses.Dent (it uses its wrapped model and "
-            f"adaptation), got {type(model).__name__}"
+            f"attack {attack!r} needs the defense to be a dent.defenses.Dent, or input transforms before one (it "
+            f"uses its wrapped model and adaptation), got {type(core).__name__}; attack.name declared_apgd "
+            "attacks any defense"
         )
-    return model
+    return core, rewrap
 
 
 def _adaptive(point: Any) -> AdaptiveSection:
@@ -85,12 +93,12 @@ def _shortened_steps(dent: Dent, adaptive: AdaptiveSection) -> int:
     return max(1, min(adaptive.short_steps, dent.config.steps))
 
 
-def _source(dent: Dent, source: Source, adaptive: AdaptiveSection) -> tuple[nn.Module, dict[str, Any]]:
-    """The model a transfer attack optimizes against, and how it was built."""
+def _source(dent: Dent, source: Source, adaptive: AdaptiveSection, rewrap: Rewrap) -> tuple[nn.Module, dict[str, Any]]:
+    """The model a transfer attack optimizes against (behind the defense's input transforms), and how it was built."""
     if source is Source.STATIC or dent.config.steps == 0:
-        return StaticModel(dent.model), {"source": "static"}
+        return rewrap(StaticModel(dent.model)), {"source": "static"}
     short = DifferentiableDent(shortened(dent, _shortened_steps(dent, adaptive)), checkpoint=adaptive.checkpoint)
-    return short, {"source": "shortened", "gradient": short.describe()}
+    return rewrap(short), {"source": "shortened", "gradient": short.describe()}
 
 
 def _done(robust: dict, pred: dict, notes: dict):
@@ -111,12 +119,12 @@ def run_transfer(model: nn.Module, x: Tensor, y: Tensor, point: Any, *, device, 
     """
     from dent.attacks.autoattack import _collect_log, _reset_dynamic_check, autoattack_runs, build_autoattack
 
-    dent = _dent_of(model, "transfer")
+    dent, rewrap = _dent_of(model, "transfer")
     adaptive = _adaptive(point)
     runs = autoattack_runs(point)
     robust, pred, source_robust, sources, warnings = {}, {}, {}, {}, []
     for source in adaptive.source_list("transfer"):
-        attacked, info = _source(dent, source, adaptive)
+        attacked, info = _source(dent, source, adaptive, rewrap)
         sources[source.value] = info
         for label, attack_list in runs:
             aa = build_autoattack(attacked, point, attack_list, device=device, seed=seed)
@@ -266,12 +274,13 @@ def run_through_adaptation(model: nn.Module, x: Tensor, y: Tensor, point: Any, *
     the defense's own; ``adaptive.horizon`` truncates the differentiated steps, ``adaptive.checkpoint``
     recomputes them in the backward pass. ``notes.gradient`` records which was used.
     """
-    dent = _dent_of(model, "through_adaptation")
+    dent, rewrap = _dent_of(model, "through_adaptation")
     adaptive = _adaptive(point)
-    attacked = DifferentiableDent(dent, horizon=adaptive.horizon, checkpoint=adaptive.checkpoint)
-    robust, pred, notes = _apgd_runs(attacked, dent, x, y, point, "through_adaptation",
+    differentiable = DifferentiableDent(dent, horizon=adaptive.horizon, checkpoint=adaptive.checkpoint)
+    attacked = rewrap(differentiable)
+    robust, pred, notes = _apgd_runs(attacked, rewrap(dent), x, y, point, "through_adaptation",
                                      adaptive.sub_attacks("through_adaptation"), seed)
-    notes["gradient"] = attacked.describe()
+    notes["gradient"] = differentiable.describe()
     return _done(robust, pred, notes)
 
 
@@ -281,7 +290,7 @@ def run_through_adaptation(model: nn.Module, x: Tensor, y: Tensor, point: Any, *
 def run_bpda_eot(model: nn.Module, x: Tensor, y: Tensor, point: Any, *, device, seed: int, progress: bool = False):
     """APGD on the defense's answers with the gradient of a shortened (``adaptive.short_steps``) defense,
     differentiated through its adaptation and averaged over ``attack.eot_iter`` noisy copies."""
-    dent = _dent_of(model, "bpda_eot")
+    dent, rewrap = _dent_of(model, "bpda_eot")
     adaptive = _adaptive(point)
     if dent.config.steps == 0:
         approximation: nn.Module = dent
@@ -289,8 +298,8 @@ def run_bpda_eot(model: nn.Module, x: Tensor, y: Tensor, point: Any, *, device, 
     else:
         short = DifferentiableDent(shortened(dent, _shortened_steps(dent, adaptive)), checkpoint=adaptive.checkpoint)
         approximation, gradient = short, short.describe()
-    attacked = BPDA(dent, approximation, noise=adaptive.eot_noise)
-    robust, pred, notes = _apgd_runs(attacked, dent, x, y, point, "bpda_eot", adaptive.sub_attacks("bpda_eot"), seed)
+    attacked = BPDA(rewrap(dent), rewrap(approximation), noise=adaptive.eot_noise)
+    robust, pred, notes = _apgd_runs(attacked, rewrap(dent), x, y, point, "bpda_eot", adaptive.sub_attacks("bpda_eot"), seed)
     notes["gradient"] = {**gradient, "eot_noise": adaptive.eot_noise}
     return _done(robust, pred, notes)
 
@@ -305,12 +314,12 @@ def run_surrogate_transfer(model: nn.Module, x: Tensor, y: Tensor, point: Any, *
     highest-loss and breaking iterates, and the final pick) is submitted to the defense as a whole batch.
     A point is robust if the defense classifies it correctly in every candidate batch (label
     ``SOURCE:ATTACK``); ``notes.surrogate_robust`` is the result on the surrogate itself."""
-    dent = _dent_of(model, "surrogate_transfer")
+    dent, rewrap = _dent_of(model, "surrogate_transfer")
     adaptive = _adaptive(point)
     budget = _budget(point, "surrogate_transfer")
     robust, pred, surrogate_robust, sources, timing = {}, {}, {}, {}, {}
     for source in adaptive.source_list("surrogate_transfer"):
-        surrogate, info = _source(dent, source, adaptive)
+        surrogate, info = _source(dent, source, adaptive, rewrap)
         sources[source.value] = info
         for sub in adaptive.sub_attacks("surrogate_transfer"):
             label = f"{source.value}:{sub}"

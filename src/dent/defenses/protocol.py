@@ -22,7 +22,7 @@ traits follow from both. :func:`traits_of` is the one place that reads the decla
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 from torch import Tensor, nn
 
@@ -131,5 +131,27 @@ class Preprocessed(nn.Module):
         return self.model(self.transform(x))
 
     def bpda_surrogate(self) -> nn.Module:
-        transform = self.transform if traits_of(self.transform).differentiable else StraightThrough(self.transform)
-        return Preprocessed(transform, bpda_surrogate(self.model))
+        return Preprocessed(differentiable_view(self.transform), bpda_surrogate(self.model))
+
+
+def differentiable_view(transform: nn.Module) -> nn.Module:
+    """``transform`` itself if it is differentiable, else its :class:`StraightThrough` (same values)."""
+    return transform if traits_of(transform).differentiable else StraightThrough(transform)
+
+
+def behind_transforms(defense: nn.Module) -> tuple[nn.Module, Callable[[nn.Module], nn.Module]]:
+    """The module behind ``defense``'s chain of :class:`Preprocessed` transforms (``defense`` itself if it has
+    none), and a function that puts another module behind the same transforms, each as its
+    :func:`differentiable_view`. So attacks built on an inner defense's variants (dent's shortened or
+    differentiated adaptation) see the transforms before it, with the transforms' exact values."""
+    transforms = []
+    while isinstance(defense, Preprocessed):
+        transforms.append(defense.transform)
+        defense = defense.model
+
+    def rewrap(inner: nn.Module) -> nn.Module:
+        for transform in reversed(transforms):
+            inner = Preprocessed(differentiable_view(transform), inner)
+        return inner
+
+    return defense, rewrap
