@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from dent.defenses.blur import gaussian_blur
+from dent.defenses.fastpath import channels_last_weights, faster_memory_format
 from dent.defenses.bn import AdaptiveBatchNorm, batch_norm_slots, swapped
 from dent.defenses.config import AffineMode, BNArithmetic, DentConfig, InputMode, SampleGrad, StatsMode
 from dent.defenses.objectives import OBJECTIVES
@@ -146,6 +147,8 @@ class Dent(nn.Module):
         sigma = config.sigma_init
         self._raw_sigma_init = sigma + math.log(-math.expm1(-sigma))  # softplus^-1, stable for any sigma > 0
         self._state: _Adaptation | None = None
+        self._weights_cl: dict[int, tuple[int, Tensor]] = {}  # see channels_last_weights
+        self._formats: dict[tuple, str] = {}  # memory_format='auto': input shape -> the faster format
 
     def reset(self) -> None:
         """Return to the initial state: the wrapped model's own parameters, ``sigma_init``, fresh optimizer."""
@@ -163,16 +166,24 @@ class Dent(nn.Module):
     def _adapt_and_predict(self, x: Tensor) -> Tensor:
         state = self._state_for(x)
         with self._model_prepared():
-            if state.optimizer is not None:
-                # Adapt on a detached input: an attacker's x.grad must hold only the final prediction's gradient.
-                inputs = x.detach()
-                with torch.enable_grad():
-                    for _ in range(self.config.steps):
-                        loss = self._step_loss(inputs, state.affine, state.sigma())
-                        state.optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        state.optimizer.step()
-            return self._logits(x, *state.snapshot())
+            channels_last = self._channels_last(x, state)
+            with channels_last_weights(self.model, self._weights_cl) if channels_last else nullcontext():
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                if state.optimizer is not None:
+                    # Adapt on a detached input: an attacker's x.grad must hold only the final prediction's gradient.
+                    inputs = x.detach()
+                    with torch.enable_grad():
+                        for _ in range(self.config.steps):
+                            loss = self._step_loss(inputs, state.affine, state.sigma())
+                            state.optimizer.zero_grad(set_to_none=True)
+                            loss.backward()
+                            state.optimizer.step()
+                return self._predict(x, *state.snapshot())
+
+    def _autocast(self, device: torch.device) -> torch.dtype | None:
+        """The autocast dtype of the steps on ``device`` (``None``: none), ``autocast='auto'`` resolved."""
+        return torch.bfloat16 if self.config.resolved(device).autocast == "bfloat16" else None
 
     def _step_loss(self, x: Tensor, affine: Affine, sigma: Tensor | None) -> Tensor:
         """The objective one adaptation step minimizes, for the adapted tensors ``affine`` and ``sigma``.
@@ -180,11 +191,35 @@ class Dent(nn.Module):
         Shared with the differentiable adaptation (:mod:`dent.defenses.differentiable`), so both take the
         same steps. Call inside :meth:`_model_prepared`.
         """
-        with torch.autocast(x.device.type, torch.bfloat16) if self.config.autocast != "none" else nullcontext():
+        dtype = self._autocast(x.device)
+        with torch.autocast(x.device.type, dtype) if dtype is not None else nullcontext():
             logits = self._logits(x, affine, sigma)
         if logits.dtype == torch.bfloat16:
             logits = logits.float()  # the objective in full precision
         return self.objective(logits, self.config)
+
+    def _predict(self, x: Tensor, affine: Affine, sigma: Tensor | None) -> Tensor:
+        """The final prediction: in the model's precision, or with ``autocast_prediction`` under the steps'
+        autocast (logits returned in float32, as attacks and accuracies expect)."""
+        dtype = self._autocast(x.device) if self.config.autocast_prediction else None
+        if dtype is None:
+            return self._logits(x, affine, sigma)
+        with torch.autocast(x.device.type, dtype):
+            return self._logits(x, affine, sigma).float()
+
+    def _channels_last(self, x: Tensor, state: _Adaptation) -> bool:
+        """Whether this call runs channels-last: as configured, or for ``memory_format='auto'`` the faster
+        format for ``x``'s shape, measured on the first call with that shape (:func:`faster_memory_format`)."""
+        choice = self.config.memory_format
+        if choice != "auto":
+            return choice == "channels_last"
+        key = (tuple(x.shape), x.device, x.dtype)
+        if key not in self._formats:
+            sigma = state.sigma()
+            step = lambda inputs: self._step_loss(inputs, state.affine, sigma)  # noqa: E731
+            self._formats[key] = faster_memory_format(step, self.model, self._weights_cl, x.detach(),
+                                                      learns=state.optimizer is not None)
+        return self._formats[key] == "channels_last"
 
     def _logits(self, x: Tensor, affine: Affine, sigma: Tensor | None) -> Tensor:
         if sigma is not None:
