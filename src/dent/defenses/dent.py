@@ -148,7 +148,8 @@ class Dent(nn.Module):
         self._raw_sigma_init = sigma + math.log(-math.expm1(-sigma))  # softplus^-1, stable for any sigma > 0
         self._state: _Adaptation | None = None
         self._weights_cl: dict[int, tuple[int, Tensor]] = {}  # see channels_last_weights
-        self._formats: dict[tuple, str] = {}  # memory_format='auto': input shape -> the faster format
+        #: memory_format='auto': (input shape, device, dtype) -> the faster format and the timings that chose it
+        self.measured_formats: dict[tuple, dict] = {}
 
     def reset(self) -> None:
         """Return to the initial state: the wrapped model's own parameters, ``sigma_init``, fresh optimizer."""
@@ -214,12 +215,12 @@ class Dent(nn.Module):
         if choice != "auto":
             return choice == "channels_last"
         key = (tuple(x.shape), x.device, x.dtype)
-        if key not in self._formats:
+        if key not in self.measured_formats:
             sigma = state.sigma()
             step = lambda inputs: self._step_loss(inputs, state.affine, sigma)  # noqa: E731
-            self._formats[key] = faster_memory_format(step, self.model, self._weights_cl, x.detach(),
-                                                      learns=state.optimizer is not None)
-        return self._formats[key] == "channels_last"
+            self.measured_formats[key] = faster_memory_format(step, self.model, self._weights_cl, x.detach(),
+                                                              learns=state.optimizer is not None)
+        return self.measured_formats[key]["format"] == "channels_last"
 
     def _logits(self, x: Tensor, affine: Affine, sigma: Tensor | None) -> Tensor:
         if sigma is not None:
