@@ -145,7 +145,9 @@ def test_unknown_bench_mode_is_a_config_error():
 def test_shipped_gpu_bench_config_is_valid():
     cfg = BenchConfig.load(Path(__file__).resolve().parents[1] / "cfgs" / "bench_gpu.yaml")
     assert cfg.bench.defenses["dent_bf16"].autocast == "bfloat16" and 6 in cfg.bench.steps
-    assert cfg.bench.naive_for("dent+_bf16", 6) and not cfg.bench.naive_for("dent", 10)
+    assert cfg.bench.defenses["dent_bf16_prediction"].autocast_prediction and "dent+_fast" in cfg.bench.modes
+    assert cfg.bench.naive_for("dent+", 6) and not cfg.bench.naive_for("dent+_bf16", 6)
+    assert not cfg.bench.naive_for("dent", 10)
 
 
 def test_cpu_allocator_tuning_reports_what_it_did(monkeypatch):
@@ -227,3 +229,20 @@ def test_bad_official_path_and_mode_are_config_errors(tmp_path):
     (tmp_path / "dent.py").write_text(STAND_IN_OFFICIAL)
     with pytest.raises(ConfigError, match="cannot compute this defense: affine='batch'"):
         official_bench(tmp_path, "bench.official_mode=dent")
+
+
+def test_fast_path_agreement_on_real_images(cifar10_dir):
+    """The accuracy guard at tiny size: the trained ResNet-26-1, 64 CIFAR-10 images, dent+'s fast path vs float32."""
+    cfg = BenchConfig.load(None, [
+        "bench.model=resnet26_1_nominal", "bench.data=cifar10", f"data.dir={cifar10_dir}", "bench.modes=[dent+, dent+_fast]",
+        "bench.steps=[2]", "bench.batch_sizes=[16]", "bench.repeats=1", "bench.warmup=0", "bench.naive_modes=[]",
+        "bench.attack_modes=[]", "bench.profile=false", "bench.threads=1", "bench.agreement_images=64",
+        "bench.agreement_batch_size=32",
+    ])
+    result = Bench(cfg, log=lambda _: None).run()
+    (agreement,) = result["agreement"]
+    assert agreement["data"] == "cifar10" and agreement["n_images"] == 64
+    assert agreement["argmax_agreement"] >= 0.95 and 0 <= agreement["max_abs_diff"] < 2.0
+    assert abs(agreement["accuracy"] - agreement["fp32_accuracy"]) <= 0.05
+    fast = next(r for r in result["rows"] if r["mode"] == "dent+_fast")
+    assert fast["vs_fp32"]["argmax_agreement"] >= 0.9

@@ -9,7 +9,6 @@ from torch import nn
 
 from dent import runtime
 from dent.defenses import Dent, DentConfig
-from dent.errors import ConfigError
 from dent.evaluation.config import EvaluateConfig
 from dent.evaluation.runner import measured_identity, plan
 
@@ -19,10 +18,8 @@ CPU = torch.device("cpu")
 
 
 def small_resnet():
-    """A small residual BN convnet in float32 (the fast paths are for float32 models)."""
-    torch.manual_seed(0)
-    net = tiny_net(dtype=torch.float32)
-    return net
+    """The small BN convnet of the bench tests, in float32 (the fast paths are for float32 models)."""
+    return tiny_net(dtype=torch.float32)
 
 
 def images(n=8, seed=1):
@@ -88,19 +85,19 @@ def test_default_config_keeps_its_unit_key_shape():
 def agreement(config: DentConfig, net: nn.Module, x: torch.Tensor) -> tuple[float, float]:
     full = Dent(net, config.replace(autocast="none", autocast_prediction=False, memory_format="contiguous"))(x)
     fast = Dent(net, config)(x)
-    assert fast.dtype == torch.float32 and fast.is_contiguous() or fast.dim() == 2
+    assert fast.dtype == torch.float32
     return (fast - full).abs().max().item(), (fast.argmax(1) == full.argmax(1)).float().mean().item()
 
 
 #: Each fast path and its documented tolerance on a small model (docs/performance.md, "Accuracy"):
 #: channels-last changes only the summation order; bf16 rounds activations to 8 bits of mantissa.
 FAST_PATHS = {
-    "channels_last": (dict(memory_format="channels_last"), 1e-4),
-    "channels_last dent+": (dict(preset="dent_plus_official", memory_format="channels_last"), 1e-4),
-    "bf16 steps": (dict(autocast="bfloat16"), 5e-2),
-    "bf16 steps+prediction": (dict(autocast="bfloat16", autocast_prediction=True), 1e-1),
+    "channels_last": (dict(memory_format="channels_last"), 1e-5),
+    "channels_last dent+": (dict(preset="dent_plus_official", memory_format="channels_last"), 1e-5),
+    "bf16 steps": (dict(autocast="bfloat16"), 1e-3),
+    "bf16 steps+prediction": (dict(autocast="bfloat16", autocast_prediction=True), 1e-2),
     "bf16 dent+ channels_last": (dict(preset="dent_plus_bsi", autocast="bfloat16", memory_format="channels_last"), 5e-2),
-    "auto layout": (dict(memory_format="auto"), 1e-4),
+    "auto layout": (dict(memory_format="auto"), 1e-5),
 }
 
 
@@ -131,3 +128,14 @@ def test_channels_last_leaves_the_model_alone():
     Dent(net, DentConfig(steps=2, memory_format="channels_last", affine="sample"))(x)
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k][0]) and v.stride() == before[k][1]
+
+
+def test_differentiable_dent_predicts_like_dent_under_autocast():
+    from dent.defenses.differentiable import DifferentiableDent
+
+    net, x = small_resnet(), images()
+    dent = Dent(net, DentConfig(steps=2, lr=0.01, autocast="bfloat16", autocast_prediction=True))
+    plain = dent(x)
+    through = DifferentiableDent(dent)(x.clone().requires_grad_())
+    assert through.dtype == torch.float32
+    torch.testing.assert_close(through, plain, rtol=0, atol=2e-2)

@@ -62,7 +62,7 @@ class BenchSection(Section):
     profile_batch: Optional[PositiveInt] = None  # the batch size profiled; default: the largest
     # The attack through the adaptation (dent.defenses.differentiable): one attack gradient (forward + input
     # backward through all K steps), with and without gradient checkpointing, for these modes and K.
-    attack_modes: list[str] = Field(default_factory=lambda: ["dent"])
+    attack_modes: list[str] = Field(default_factory=lambda: ["dent", "dent+_fast"])
     attack_steps: list[PositiveInt] = Field(default_factory=lambda: [1])
     attack_batch_size: PositiveInt = 16
     # "random" (uniform noise, seeded), a data set name (its first test images), or "auto": CIFAR-10 where it is

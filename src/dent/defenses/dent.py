@@ -111,8 +111,11 @@ class Dent(nn.Module):
     computed) and frees its graph; with the final prediction, about 2K + 1 forward passes. No copy of the
     model is made: the adapted values live in a few flat tensors that are restored in place, and per-input
     values are applied by broadcasting or one BatchNorm over B*C planes, never by looping over inputs.
-    ``config.autocast`` runs the steps under bf16 autocast (GPUs). ``dent bench`` measures all of this
-    against the static forward and a naive implementation (docs/performance.md).
+    Fast paths (docs/performance.md): ``config.autocast`` runs the steps under bf16 autocast (``'auto'``:
+    where the device has native bf16), ``config.autocast_prediction`` the final prediction too, and
+    ``config.memory_format`` the convolutions channels-last (``'auto'``: where one step measures faster, per
+    input shape). ``dent bench`` measures all of this against the static forward, a naive implementation
+    and the official one, and each fast path's agreement with float32.
     """
 
     def __init__(self, model: nn.Module, config: DentConfig = DentConfig()):
