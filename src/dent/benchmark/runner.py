@@ -331,6 +331,8 @@ class Bench:
             config = self.config(mode, steps, batch)
             fast = self.measure(no_grad_call(self.defense(mode, steps, batch=batch)), x, paired=True)
             outputs[(mode, steps)] = fast["output"]
+            if config == fp32_twin(config):  # the float32 twin of fast paths at this batch: see fp32_output
+                self.outputs[(config.model_dump_json(), batch)] = fast["output"]
             row = {"batch": batch, "mode": mode, "steps": steps, "passes": 2 * steps + 1, **path_of(config),
                    "layout_measured": self.layouts.get((mode, batch)), "threads": torch.get_num_threads(),
                    **fast["timing"].to_dict(), "peak_mb": found.get("peak_mb"), "ops": found.get("ops")}
