@@ -15,7 +15,8 @@ PositiveInt = Annotated[int, Field(ge=1)]
 
 #: The defense configurations ``dent bench`` knows by name; ``steps`` is replaced by each K of ``bench.steps``.
 #: ``*_fast``: the fast paths, chosen on the machine it runs on (bf16 steps where the hardware has native
-#: bf16, channels-last where it measures faster); their float32 twin is the same name without ``_fast``.
+#: bf16, channels-last where it measures faster; ``_prediction``: the final prediction in bf16 too); their
+#: float32 twin is the name before ``_fast``.
 PRESETS: dict[str, DentConfig] = {
     "dent": DentConfig(preset="dent"),  # batch-wise BN scale/shift, Adam lr 1e-3, entropy (paper Table 1)
     "dent+": DentConfig(preset="dent_plus_official"),  # the official dent+ exactly (what bench.official runs)
@@ -23,6 +24,8 @@ PRESETS: dict[str, DentConfig] = {
     "dent_sigma": DentConfig(input="batch"),  # plus an adapted Gaussian blur of the input (Sigma)
     "dent_fast": DentConfig(preset="dent", autocast="auto", memory_format="auto"),
     "dent+_fast": DentConfig(preset="dent_plus_official", autocast="auto", memory_format="auto"),
+    "dent+_fast_prediction": DentConfig(preset="dent_plus_official", autocast="auto", autocast_prediction=True,
+                                        memory_format="auto"),
 }
 
 class BenchSection(Section):
@@ -37,7 +40,8 @@ class BenchSection(Section):
 
     model: Optional[str] = None  # a named model or an architecture (random weights); default: model.arch
     defenses: dict[str, DentConfig] = Field(default_factory=lambda: dict(PRESETS))
-    modes: list[str] = Field(default_factory=lambda: ["dent", "dent+", "dent+_fast"])  # which of `defenses` to time
+    # which of `defenses` to time
+    modes: list[str] = Field(default_factory=lambda: ["dent", "dent+", "dent+_fast", "dent+_fast_prediction"])
     steps: list[PositiveInt] = Field(default_factory=lambda: [6])  # K, the adaptation steps
     batch_sizes: list[PositiveInt] = Field(default_factory=lambda: [16, 128])
     repeats: PositiveInt = 3  # timed calls per configuration; tables show the median

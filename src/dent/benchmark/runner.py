@@ -376,23 +376,27 @@ class Bench:
                       + (f"; {mode} vs official: max diff {row['vs_mode']['max_abs_diff']:.2g}" if "vs_mode" in row else ""))
         return rows
 
+    def batched(self, defense: nn.Module, n: int) -> Tensor:
+        """``defense``'s logits for the first ``n`` images, in batches of ``bench.agreement_batch_size``."""
+        size = self.b.agreement_batch_size
+        return torch.cat([no_grad_call(defense)(self.images[start:start + size]) for start in range(0, n, size)])
+
     def agreement(self) -> list[dict[str, Any]]:
         """Each fast-path defense against its float32 twin on ``bench.agreement_images`` images, at the largest K."""
         b, steps, out = self.b, max(self.b.steps), []
         n = min(b.agreement_images, len(self.images))
+        fp32: dict[tuple[str, int], Tensor] = {}
         for mode in b.modes:
             config = self.config(mode, steps, b.agreement_batch_size)
             if config == fp32_twin(config):
                 continue
-            fast, full = Dent(self.model, config), Dent(self.model, fp32_twin(config))
-            logits = {"fast": [], "fp32": []}
-            for start in range(0, n, b.agreement_batch_size):
-                batch = self.images[start:start + b.agreement_batch_size]
-                logits["fast"].append(no_grad_call(fast)(batch))
-                logits["fp32"].append(no_grad_call(full)(batch))
+            fast = Dent(self.model, config)
+            twin = (fp32_twin(config).model_dump_json(), n)
+            if twin not in fp32:  # one float32 pass per twin config, shared by its fast paths
+                fp32[twin] = self.batched(Dent(self.model, fp32_twin(config)), n)
             row = {"mode": mode, "steps": steps, "n_images": n, "batch_size": b.agreement_batch_size,
                    "data": self.data_name, **path_of(config),
-                   **compare(torch.cat(logits["fast"]), torch.cat(logits["fp32"]), self.labels, n, "fp32")}
+                   **compare(self.batched(fast, n), fp32[twin], self.labels, n, "fp32")}
             if fast.measured_formats:
                 row["memory_format"] = "auto: " + ", ".join(sorted({m["format"] for m in fast.measured_formats.values()}))
             out.append(row)
@@ -515,8 +519,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             summary[f"batch {batch}: fwd+bwd / static"] = row["x_static"]
         if mode == "dent+" and (batch, "dent", steps) in by_key:
             summary[f"batch {batch} K={steps}: dent+ / dent"] = row["min_s"] / by_key[(batch, "dent", steps)]["min_s"]
-        twin = by_key.get((batch, mode.removesuffix("_fast"), steps))
-        if mode.endswith("_fast") and twin is not None:
+        twin = by_key.get((batch, mode.split("_fast")[0], steps))
+        if "_fast" in mode and twin is not None:
             summary[f"batch {batch} K={steps}: {mode} throughput / float32 {twin['mode']}"] = twin["x_static"] / row["x_static"]
         if "vs_official" in row:
             summary[f"batch {batch} K={steps}: {mode} [{row['precision']}] throughput / official"] = row["vs_official"]

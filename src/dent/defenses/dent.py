@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from dent.defenses.blur import gaussian_blur
-from dent.defenses.fastpath import channels_last_weights, faster_memory_format
+from dent.defenses.fastpath import converted_weights, faster_memory_format
 from dent.defenses.bn import AdaptiveBatchNorm, batch_norm_slots, swapped
 from dent.defenses.config import AffineMode, BNArithmetic, DentConfig, InputMode, SampleGrad, StatsMode
 from dent.defenses.objectives import OBJECTIVES
@@ -150,7 +150,7 @@ class Dent(nn.Module):
         sigma = config.sigma_init
         self._raw_sigma_init = sigma + math.log(-math.expm1(-sigma))  # softplus^-1, stable for any sigma > 0
         self._state: _Adaptation | None = None
-        self._weights_cl: dict[int, tuple[int, Tensor]] = {}  # see channels_last_weights
+        self._weights: dict[tuple, tuple[int, Tensor]] = {}  # converted weight copies: see converted_weights
         #: memory_format='auto': (input shape, device, dtype) -> the faster format and the timings that chose it
         self.measured_formats: dict[tuple, dict] = {}
 
@@ -171,18 +171,20 @@ class Dent(nn.Module):
         state = self._state_for(x)
         with self._model_prepared():
             channels_last = self._channels_last(x, state)
-            with channels_last_weights(self.model, self._weights_cl) if channels_last else nullcontext():
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                if state.optimizer is not None:
-                    # Adapt on a detached input: an attacker's x.grad must hold only the final prediction's gradient.
-                    inputs = x.detach()
-                    with torch.enable_grad():
-                        for _ in range(self.config.steps):
-                            loss = self._step_loss(inputs, state.affine, state.sigma())
-                            state.optimizer.zero_grad(set_to_none=True)
-                            loss.backward()
-                            state.optimizer.step()
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            dtype = self._autocast(x.device)
+            if state.optimizer is not None:
+                # Adapt on a detached input: an attacker's x.grad must hold only the final prediction's gradient.
+                inputs = x.detach()
+                with torch.enable_grad(), converted_weights(self.model, self._weights, channels_last, dtype):
+                    for _ in range(self.config.steps):
+                        loss = self._step_loss(inputs, state.affine, state.sigma())
+                        state.optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        state.optimizer.step()
+            dtype = dtype if self.config.autocast_prediction else None
+            with converted_weights(self.model, self._weights, channels_last, dtype):
                 return self._predict(x, *state.snapshot())
 
     def _autocast(self, device: torch.device) -> torch.dtype | None:
@@ -204,12 +206,13 @@ class Dent(nn.Module):
 
     def _predict(self, x: Tensor, affine: Affine, sigma: Tensor | None) -> Tensor:
         """The final prediction: in the model's precision, or with ``autocast_prediction`` under the steps'
-        autocast (logits returned in float32, as attacks and accuracies expect)."""
+        autocast (bf16 logits returned in float32, as attacks and accuracies expect)."""
         dtype = self._autocast(x.device) if self.config.autocast_prediction else None
         if dtype is None:
             return self._logits(x, affine, sigma)
         with torch.autocast(x.device.type, dtype):
-            return self._logits(x, affine, sigma).float()
+            logits = self._logits(x, affine, sigma)
+        return logits.float() if logits.dtype == dtype else logits
 
     def _channels_last(self, x: Tensor, state: _Adaptation) -> bool:
         """Whether this call runs channels-last: as configured, or for ``memory_format='auto'`` the faster
@@ -221,8 +224,8 @@ class Dent(nn.Module):
         if key not in self.measured_formats:
             sigma = state.sigma()
             step = lambda inputs: self._step_loss(inputs, state.affine, sigma)  # noqa: E731
-            self.measured_formats[key] = faster_memory_format(step, self.model, self._weights_cl, x.detach(),
-                                                              learns=state.optimizer is not None)
+            self.measured_formats[key] = faster_memory_format(step, self.model, self._weights, x.detach(),
+                                                              state.optimizer is not None, self._autocast(x.device))
         return self.measured_formats[key]["format"] == "channels_last"
 
     def _logits(self, x: Tensor, affine: Affine, sigma: Tensor | None) -> Tensor:

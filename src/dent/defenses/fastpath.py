@@ -16,28 +16,47 @@ import torch
 from torch import Tensor, nn
 
 
-@contextmanager
-def channels_last_weights(model: nn.Module, cache: dict[int, tuple[int, Tensor]]) -> Iterator[None]:
-    """The 4-D parameters of ``model`` laid out channels-last for the block (same values), restored after.
+#: Modules whose weights autocast computes in its lower precision (its "lower_precision_fp" ops).
+AUTOCAST_MODULES = (nn.modules.conv._ConvNd, nn.Linear)
 
-    The copies are kept in ``cache`` (parameter id -> (its version, the copy)) and redone when a
-    parameter was changed in place, so the wrapped model is never modified and a call copies nothing.
+
+def _converted(param: Tensor, channels_last: bool, dtype: torch.dtype | None) -> Tensor:
+    out = param.detach()
+    if dtype is not None and out.dtype == torch.float32:  # what autocast casts (not float64)
+        out = out.to(dtype)
+    if channels_last and out.dim() == 4:
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+@contextmanager
+def converted_weights(model: nn.Module, cache: dict[tuple, tuple[int, Tensor]], channels_last: bool,
+                      dtype: torch.dtype | None) -> Iterator[None]:
+    """The weights of ``model``'s convolutions and linear layers, for the block: their 4-D ones laid out
+    channels-last (``channels_last``) and all of them cast to ``dtype`` (the autocast dtype: autocast would
+    cast them again in every forward, since it caches only casts of tensors that require grad). The same
+    values as autocast's own casts; restored after the block.
+
+    The copies are kept in ``cache`` ((parameter id, layout, dtype) -> (its version, the copy)) and redone when
+    a parameter was changed in place, so the wrapped model is never modified and a call copies nothing.
     Only ``.data`` is swapped: the parameters do not require grad while Dent runs.
     """
     swapped = []
     try:
-        for param in model.parameters():
-            if param.dim() != 4 or param.is_contiguous(memory_format=torch.channels_last):
-                continue
-            entry = cache.get(id(param))
-            if entry is None or entry[0] != param._version:
-                entry = (param._version, param.detach().contiguous(memory_format=torch.channels_last))
-                cache[id(param)] = entry
-            swapped.append((param, param.data))
-            param.data = entry[1]
+        if channels_last or dtype is not None:
+            for module in model.modules():
+                if not isinstance(module, AUTOCAST_MODULES):
+                    continue
+                for param in module.parameters(recurse=False):
+                    key = (id(param), channels_last, dtype)
+                    entry = cache.get(key)
+                    if entry is None or entry[0] != param._version:
+                        entry = cache[key] = (param._version, _converted(param, channels_last, dtype))
+                    swapped.append((param, param.data))
+                    param.data = entry[1]
         yield
     finally:
-        for param, data in swapped:
+        for param, data in reversed(swapped):
             param.data = data
 
 
@@ -51,8 +70,8 @@ def _fastest_seconds(call: Callable[[], object], repeats: int = 2) -> float:
     return best
 
 
-def faster_memory_format(step: Callable[[Tensor], Tensor], model: nn.Module, cache: dict[int, tuple[int, Tensor]],
-                         x: Tensor, learns: bool) -> dict[str, object]:
+def faster_memory_format(step: Callable[[Tensor], Tensor], model: nn.Module, cache: dict[tuple, tuple[int, Tensor]],
+                         x: Tensor, learns: bool, dtype: torch.dtype | None) -> dict[str, object]:
     """``format``: ``'channels_last'`` or ``'contiguous'``, whichever runs one adaptation step (``step(x)``'s
     forward and backward, or with nothing to learn the forward alone) faster on ``x``; ``contiguous_s`` and
     ``channels_last_s``: the fastest of 2 timed runs of each (after one untimed)."""
@@ -68,8 +87,9 @@ def faster_memory_format(step: Callable[[Tensor], Tensor], model: nn.Module, cac
 
         return call
 
-    contiguous = _fastest_seconds(run(x.contiguous()))
-    with channels_last_weights(model, cache):
+    with converted_weights(model, cache, False, dtype):
+        contiguous = _fastest_seconds(run(x.contiguous()))
+    with converted_weights(model, cache, True, dtype):
         channels_last = _fastest_seconds(run(x.contiguous(memory_format=torch.channels_last)))
     return {"format": "channels_last" if channels_last < contiguous else "contiguous",
             "contiguous_s": contiguous, "channels_last_s": channels_last}
