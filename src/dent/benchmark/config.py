@@ -31,10 +31,10 @@ PRESETS: dict[str, DentConfig] = {
 class BenchSection(Section):
     """Settings of ``dent bench`` (timings, not results: nothing here changes what a defense computes).
 
-    The default matrix (dent, dent+ and dent+'s fast path at K = 6, batch {16, 128}, 3 timed repeats after 1
-    warm-up; the fast path's agreement with float32 on 1000 images; the attack gradients at K = 1) takes about
-    7 minutes on 2 CPU cores for the shipped ResNet-18, plus about 1 minute with ``bench.official``
-    (docs/performance.md). ``steps: [1, 5, 10, 30]`` is the paper's range: at batch 128 on such a CPU each
+    The default matrix (dent, dent+ and dent+'s two fast paths at K = 6, batch {16, 128}, 3 timed repeats
+    after 1 warm-up; the fast paths' agreement with float32 on 1000 images; the attack gradients at K = 1)
+    took 7 min 58 s with ``bench.official`` on 2 idle CPU cores (AVX-512 with native bf16) for the shipped
+    ResNet-18 (docs/performance.md). ``steps: [1, 5, 10, 30]`` is the paper's range: at batch 128 on such a CPU each
     K = 30 call in float32 takes about a minute.
     """
 
