@@ -139,3 +139,14 @@ def test_differentiable_dent_predicts_like_dent_under_autocast():
     through = DifferentiableDent(dent)(x.clone().requires_grad_())
     assert through.dtype == torch.float32
     torch.testing.assert_close(through, plain, rtol=0, atol=2e-2)
+
+
+def test_cached_weight_copies_follow_in_place_changes_of_the_model():
+    net, x = small_resnet(), images()
+    dent = Dent(net, DentConfig(steps=1, autocast="bfloat16", memory_format="channels_last"))
+    before = dent(x)
+    with torch.no_grad():
+        net[0].weight.mul_(0.5)  # a changed model must not be served from stale bf16 copies
+    after = dent(x)
+    fresh = Dent(net, DentConfig(steps=1, autocast="bfloat16", memory_format="channels_last"))(x)
+    assert not torch.allclose(before, after) and torch.equal(after, fresh)

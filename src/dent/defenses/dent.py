@@ -150,7 +150,7 @@ class Dent(nn.Module):
         sigma = config.sigma_init
         self._raw_sigma_init = sigma + math.log(-math.expm1(-sigma))  # softplus^-1, stable for any sigma > 0
         self._state: _Adaptation | None = None
-        self._weights: dict[tuple, tuple[int, Tensor]] = {}  # converted weight copies: see converted_weights
+        self._weights: dict[tuple, tuple[tuple, Tensor]] = {}  # converted weight copies: see converted_weights
         #: memory_format='auto': (input shape, device, dtype) -> the faster format and the timings that chose it
         self.measured_formats: dict[tuple, dict] = {}
 

@@ -30,15 +30,16 @@ def _converted(param: Tensor, channels_last: bool, dtype: torch.dtype | None) ->
 
 
 @contextmanager
-def converted_weights(model: nn.Module, cache: dict[tuple, tuple[int, Tensor]], channels_last: bool,
+def converted_weights(model: nn.Module, cache: dict[tuple, tuple[tuple, Tensor]], channels_last: bool,
                       dtype: torch.dtype | None) -> Iterator[None]:
     """The weights of ``model``'s convolutions and linear layers, for the block: their 4-D ones laid out
     channels-last (``channels_last``) and all of them cast to ``dtype`` (the autocast dtype: autocast would
     cast them again in every forward, since it caches only casts of tensors that require grad). The same
     values as autocast's own casts; restored after the block.
 
-    The copies are kept in ``cache`` ((parameter id, layout, dtype) -> (its version, the copy)) and redone when
-    a parameter was changed in place, so the wrapped model is never modified and a call copies nothing.
+    The copies are kept in ``cache`` ((parameter id, layout, dtype) -> (its version and storage, the copy)) and
+    redone when a parameter was changed in place or replaced, so the wrapped model is never modified and a
+    call copies nothing.
     Only ``.data`` is swapped: the parameters do not require grad while Dent runs.
     """
     swapped = []
@@ -48,10 +49,10 @@ def converted_weights(model: nn.Module, cache: dict[tuple, tuple[int, Tensor]], 
                 if not isinstance(module, AUTOCAST_MODULES):
                     continue
                 for param in module.parameters(recurse=False):
-                    key = (id(param), channels_last, dtype)
+                    key, source = (id(param), channels_last, dtype), (param._version, param.data_ptr())
                     entry = cache.get(key)
-                    if entry is None or entry[0] != param._version:
-                        entry = cache[key] = (param._version, _converted(param, channels_last, dtype))
+                    if entry is None or entry[0] != source:  # changed in place, or moved (e.g. .to(device))
+                        entry = cache[key] = (source, _converted(param, channels_last, dtype))
                     swapped.append((param, param.data))
                     param.data = entry[1]
         yield
@@ -70,7 +71,7 @@ def _fastest_seconds(call: Callable[[], object], repeats: int = 2) -> float:
     return best
 
 
-def faster_memory_format(step: Callable[[Tensor], Tensor], model: nn.Module, cache: dict[tuple, tuple[int, Tensor]],
+def faster_memory_format(step: Callable[[Tensor], Tensor], model: nn.Module, cache: dict[tuple, tuple[tuple, Tensor]],
                          x: Tensor, learns: bool, dtype: torch.dtype | None) -> dict[str, object]:
     """``format``: ``'channels_last'`` or ``'contiguous'``, whichever runs one adaptation step (``step(x)``'s
     forward and backward, or with nothing to learn the forward alone) faster on ``x``; ``contiguous_s`` and
