@@ -192,3 +192,18 @@ def test_config_keys_and_unit_keys():
     t = EvaluateConfig.load(None, ["attack.name", "transfer", "attack.version", "custom", "attack.attacks", "[apgd-ce]"])
     assert t.attack.points()[0].attacks == ("apgd-ce",)
     assert AdaptiveSection(sources=["static", "shortened"]).source_list("transfer")[1].value == "shortened"
+
+
+def test_static_source_fast_path_is_opt_in_and_keyed(defended):
+    from dent.attacks.adaptive import StaticModel
+
+    dent, x, y = defended
+    base = ["attack.name", "transfer", "attack.version", "custom", "attack.attacks", "[apgd-ce]"]
+    plain = EvaluateConfig.load(None, base).attack.points()[0]
+    fast = EvaluateConfig.load(None, [*base, "attack.adaptive.static_autocast", "bfloat16"]).attack.points()[0]
+    assert "static_autocast" not in plain.to_dict()["adaptive"] and fast.adaptive.static_autocast == "bfloat16"
+    assert fast.to_dict() != plain.to_dict()  # a result key: other gradients, other adversarial inputs
+    out = ATTACKS.get("transfer")(dent, x, y, fast, device="cpu", seed=0)
+    assert out.notes["sources"]["static"] == {"source": "static", "autocast": "bfloat16"}
+    static, mixed = StaticModel(dent.model)(x), StaticModel(dent.model, torch.bfloat16)(x)
+    assert mixed.dtype == torch.float32 and 0 < (mixed - static).abs().max() < 0.1

@@ -14,6 +14,7 @@ from dent.benchmark.timing import peak_memory, time_calls
 from dent.cli.main import main
 from dent.benchmark.config import BenchConfig
 from dent.defenses import Dent, DentConfig
+from dent import runtime
 from dent.errors import ConfigError
 
 BN = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -95,24 +96,35 @@ def test_timing_and_peak_memory_helpers():
 TINY_BENCH = [
     "bench.batch_sizes=[4]", "bench.steps=[1]", "bench.repeats=1", "bench.warmup=0", "bench.image_size=8",
     "bench.attack_steps=[1]", "bench.attack_batch_size=2", "bench.threads=1", "bench.naive_steps=null",
+    "bench.data=random", "bench.agreement_images=8", "bench.agreement_batch_size=4",
 ]
 
 
 def test_bench_reports_every_configuration():
-    cfg = BenchConfig.load(None, [*TINY_BENCH, "bench.naive_modes=null"])  # the naive reference for every defense
+    cfg = BenchConfig.load(None, [*TINY_BENCH, "bench.modes=[dent, dent+, dent+_fast, dent_sigma]",
+                                  "bench.naive_modes=[dent, dent+, dent_sigma]"])
     lines = []
     result = Bench(cfg, log=lines.append, model=tiny_net(dtype=torch.float32)).run()
     rows = {(r["mode"], r["steps"]): r for r in result["rows"]}
-    assert set(rows) == {("static", 0), ("fwd+bwd", 0), ("dent", 1), ("dent+", 1), ("dent_sigma", 1)}
+    assert set(rows) == {("static", 0), ("fwd+bwd", 0), ("dent", 1), ("dent+", 1), ("dent+_fast", 1), ("dent_sigma", 1)}
     for mode in ("dent", "dent+", "dent_sigma"):
         row = rows[(mode, 1)]
         assert row["median_s"] > 0 and row["x_floor"] == pytest.approx(row["x_static"] / 3)
         assert row["speedup_vs_naive"] > 0 and row["max_abs_diff"] < 1e-3 and row["peak_mb"] > 0
-        assert 0 < row["ops"] < row["naive_ops"]
+        assert 0 < row["ops"] < row["naive_ops"] and row["precision"] == "fp32" and "vs_fp32" not in row
+    fast = rows[("dent+_fast", 1)]
+    bf16 = runtime.native_bf16(torch.device("cpu"))[0]
+    assert fast["precision"] == ("bf16 steps" if bf16 else "fp32") and fast["threads"] == 1
+    assert fast["memory_format"] in ("contiguous", "channels_last") and fast["layout_measured"]["format"] == fast["memory_format"]
+    assert 0 <= fast["vs_fp32"]["max_abs_diff"] < 0.1 and fast["vs_fp32"]["argmax_agreement"] == 1.0
+    (agreement,) = result["agreement"]
+    assert agreement["mode"] == "dent+_fast" and agreement["n_images"] == 8 and agreement["argmax_agreement"] == 1.0
     assert {r["gradient"] for r in result["attack"]} >= {"through adaptation", "through adaptation, checkpointed"}
-    assert "dent K=1" in result["profiles"]
+    assert "dent K=1" in result["profiles"] and "dent+_fast K=1" in result["profiles"]
+    assert result["environment"]["cpu"]["capability"] == torch.backends.cpu.get_cpu_capability()
     table = format_table(result)
-    assert "| 4 | dent+ | 1 |" in table and "x floor" in table and "torch " in table
+    assert "| 4 | dent+ | fp32 | contiguous | 1 |" in table and "x floor" in table and "torch " in table
+    assert "agreement with float32" in table and "native bf16" in table
 
 
 def test_bench_command_writes_json_and_table(tmp_path, capsys):
@@ -122,7 +134,7 @@ def test_bench_command_writes_json_and_table(tmp_path, capsys):
     result = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert [r["mode"] for r in result["rows"]] == ["static", "fwd+bwd", "dent"]
     assert result["environment"]["versions"]["torch"] != "not installed" and result["environment"]["date"]
-    assert (tmp_path / "b" / "bench.md").exists() and "| 4 | dent | 1 |" in capsys.readouterr().out
+    assert (tmp_path / "b" / "bench.md").exists() and "| 4 | dent | fp32 | contiguous | 1 |" in capsys.readouterr().out
 
 
 def test_unknown_bench_mode_is_a_config_error():
@@ -133,7 +145,9 @@ def test_unknown_bench_mode_is_a_config_error():
 def test_shipped_gpu_bench_config_is_valid():
     cfg = BenchConfig.load(Path(__file__).resolve().parents[1] / "cfgs" / "bench_gpu.yaml")
     assert cfg.bench.defenses["dent_bf16"].autocast == "bfloat16" and 6 in cfg.bench.steps
-    assert cfg.bench.naive_for("dent+_bf16", 6) and not cfg.bench.naive_for("dent", 10)
+    assert cfg.bench.defenses["dent_bf16_prediction"].autocast_prediction and "dent+_fast" in cfg.bench.modes
+    assert cfg.bench.naive_for("dent+", 6) and not cfg.bench.naive_for("dent+_bf16", 6)
+    assert not cfg.bench.naive_for("dent", 10)
 
 
 def test_cpu_allocator_tuning_reports_what_it_did(monkeypatch):
@@ -146,3 +160,89 @@ def test_cpu_allocator_tuning_reports_what_it_did(monkeypatch):
     monkeypatch.setenv("DENT_CPU_ALLOCATOR", "off")
     with pytest.raises(ConfigError, match="DENT_CPU_ALLOCATOR='off'.*expected 'tuned'"):
         runtime.tune_cpu_allocator()
+
+
+STAND_IN_OFFICIAL = '''
+"""A stand-in with the official dent.py's interface: Dent(model, opt_cfg), computed by this project's Dent."""
+import torch.nn as nn
+from dent.defenses import Dent as ProjectDent, DentConfig
+
+SampleAwareStaticBatchNorm2d = SampleAwareOnlineBatchNorm2d = nn.BatchNorm2d
+CALLS = []
+
+class Dent(nn.Module):
+    def __init__(self, model, opt_cfg):
+        super().__init__()
+        assert opt_cfg.BN_FUN == "SampleAwareStaticBatchNorm2d" and opt_cfg.METHOD == "AdaMod" and opt_cfg.LOSS == "shot"
+        CALLS.append(vars(opt_cfg))
+        self.dent = ProjectDent(model, DentConfig(preset="dent_plus_official", steps=opt_cfg.STEPS, lr=opt_cfg.LR))
+
+    def forward(self, x):
+        return self.dent(x)
+'''
+
+
+def bn2d_net():
+    from eval_support import tiny_net as bn2d_tiny_net  # BatchNorm2d only, as the official code adapts
+
+    return bn2d_tiny_net()
+
+
+def official_bench(path, *extra):
+    cfg = BenchConfig.load(None, [*TINY_BENCH, "bench.modes=[dent+, dent+_fast]", "bench.naive_modes=[]",
+                                  "bench.attack_modes=[]", f"bench.official={path}", *extra])
+    return Bench(cfg, log=lambda _: None, model=bn2d_net()).run()
+
+
+def test_bench_times_the_official_implementation_from_a_path(tmp_path):
+    (tmp_path / "dent.py").write_text(STAND_IN_OFFICIAL)
+    result = official_bench(tmp_path)  # the directory holding dent.py
+    rows = {r["mode"]: r for r in result["rows"]}
+    official = rows["official dent.py"]
+    assert official["as"] == "dent+" and official["precision"] == "fp32" and official["threads"] == 1
+    assert official["vs_mode"]["max_abs_diff"] == 0  # the stand-in computes exactly dent+
+    assert rows["dent+"]["vs_official"] > 0 and rows["dent+_fast"]["vs_official"] > 0
+    assert any("throughput / official" in key for key in result["summary"])
+    assert "official dent.py K=1" in result["profiles"]
+    assert "| 4 | official dent.py | fp32 |" in format_table(result)
+
+
+def test_bench_runs_the_real_official_code_when_given(tmp_path):
+    """With DENT_OFFICIAL_DENT_PY naming DequanWang/dent's dent.py (and adamod installed): same logits."""
+    import os
+
+    path = os.environ.get("DENT_OFFICIAL_DENT_PY")
+    if not path:
+        pytest.skip("DENT_OFFICIAL_DENT_PY not set (the path of the official dent.py)")
+    pytest.importorskip("adamod")
+    result = official_bench(path, "bench.agreement_images=0", "bench.profile=false")
+    official = next(r for r in result["rows"] if r["mode"] == "official dent.py")
+    assert official["vs_mode"]["max_abs_diff"] < 1e-4 and official["vs_mode"]["argmax_agreement"] == 1.0
+
+
+def test_bad_official_path_and_mode_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="neither the official dent.py nor a directory"):
+        official_bench(tmp_path / "nowhere")
+    (tmp_path / "dent.py").write_text("import not_a_package_here\n")
+    with pytest.raises(ConfigError, match="imports 'not_a_package_here', which is not installed"):
+        official_bench(tmp_path)
+    (tmp_path / "dent.py").write_text(STAND_IN_OFFICIAL)
+    with pytest.raises(ConfigError, match="cannot compute this defense: affine='batch'"):
+        official_bench(tmp_path, "bench.official_mode=dent")
+
+
+def test_fast_path_agreement_on_real_images(cifar10_dir):
+    """The accuracy guard at tiny size: the trained ResNet-26-1, 64 CIFAR-10 images, dent+'s fast path vs float32."""
+    cfg = BenchConfig.load(None, [
+        "bench.model=resnet26_1_nominal", "bench.data=cifar10", f"data.dir={cifar10_dir}", "bench.modes=[dent+, dent+_fast]",
+        "bench.steps=[2]", "bench.batch_sizes=[16]", "bench.repeats=1", "bench.warmup=0", "bench.naive_modes=[]",
+        "bench.attack_modes=[]", "bench.profile=false", "bench.threads=1", "bench.agreement_images=64",
+        "bench.agreement_batch_size=32",
+    ])
+    result = Bench(cfg, log=lambda _: None).run()
+    (agreement,) = result["agreement"]
+    assert agreement["data"] == "cifar10" and agreement["n_images"] == 64
+    assert agreement["argmax_agreement"] >= 0.95 and 0 <= agreement["max_abs_diff"] < 2.0
+    assert abs(agreement["accuracy"] - agreement["fp32_accuracy"]) <= 0.05
+    fast = next(r for r in result["rows"] if r["mode"] == "dent+_fast")
+    assert fast["vs_fp32"]["argmax_agreement"] >= 0.9

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import ctypes.util
 import os
 import random
@@ -85,3 +86,32 @@ def tune_cpu_allocator() -> bool:
     largest = ctypes.c_int(2**31 - 1)
     CPU_ALLOCATOR_TUNED = bool(mallopt(m_mmap_threshold, largest)) and bool(mallopt(m_trim_threshold, largest))
     return CPU_ALLOCATOR_TUNED
+
+
+def cpu_capability() -> dict[str, object]:
+    """What this CPU offers torch: its ATen kernel level (``DEFAULT``, ``AVX2``, ``AVX512``...) and native bf16.
+
+    ``bf16`` is true where the CPU has bf16 arithmetic instructions (AVX-512 BF16 or AMX) *and* oneDNN uses
+    them (``torch.ops.mkldnn._is_mkldnn_bf16_supported``); without them bf16 is emulated and far slower than
+    float32 (measured 18x on an AVX2 CPU, docs/performance.md).
+    """
+    flags = {name: bool(getattr(torch.cpu, f"_is_{name}_supported", lambda: False)())
+             for name in ("avx512", "avx512_bf16", "amx_tile")}
+    onednn_bf16 = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return {"capability": torch.backends.cpu.get_cpu_capability(), **flags, "onednn_bf16": onednn_bf16,
+            "bf16": onednn_bf16 and (flags["avx512_bf16"] or flags["amx_tile"])}
+
+
+@functools.lru_cache(maxsize=None)
+def native_bf16(device: torch.device) -> tuple[bool, str]:
+    """Whether ``device`` computes in bf16 natively (so bf16 autocast is faster there), and why."""
+    if device.type == "cuda":
+        supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else "no CUDA device"
+        return supported, f"{name}: torch.cuda.is_bf16_supported() = {supported}"
+    if device.type == "cpu":
+        cpu = cpu_capability()
+        why = (f"CPU capability {cpu['capability']}, avx512_bf16 {cpu['avx512_bf16']}, amx {cpu['amx_tile']}, "
+               f"oneDNN bf16 {cpu['onednn_bf16']}")
+        return bool(cpu["bf16"]), why
+    return False, f"device type {device.type!r}: native bf16 is detected on CPU and CUDA only"

@@ -73,17 +73,24 @@ def _predict(model: nn.Module, x: Tensor) -> Tensor:
 
 
 class StaticModel(nn.Module):
-    """The wrapped model without adaptation, in eval mode for the call (its mode is restored)."""
+    """The wrapped model without adaptation, in eval mode for the call (its mode is restored).
 
-    def __init__(self, model: nn.Module):
+    ``autocast``: the forward (and so the attack's backward) under this autocast dtype, logits in float32.
+    """
+
+    def __init__(self, model: nn.Module, autocast: torch.dtype | None = None):
         super().__init__()
         self.model = model
+        self.autocast = autocast
 
     def forward(self, x: Tensor) -> Tensor:
         training = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         try:
-            return self.model(x)
+            if self.autocast is None:
+                return self.model(x)
+            with torch.autocast(x.device.type, self.autocast):
+                return self.model(x).float()
         finally:
             for m, mode in training:
                 m.training = mode
@@ -96,7 +103,9 @@ def _shortened_steps(dent: Dent, adaptive: AdaptiveSection) -> int:
 def _source(dent: Dent, source: Source, adaptive: AdaptiveSection, rewrap: Rewrap) -> tuple[nn.Module, dict[str, Any]]:
     """The model a transfer attack optimizes against (behind the defense's input transforms), and how it was built."""
     if source is Source.STATIC or dent.config.steps == 0:
-        return rewrap(StaticModel(dent.model)), {"source": "static"}
+        if adaptive.static_autocast == "none":
+            return rewrap(StaticModel(dent.model)), {"source": "static"}
+        return rewrap(StaticModel(dent.model, torch.bfloat16)), {"source": "static", "autocast": adaptive.static_autocast}
     short = DifferentiableDent(shortened(dent, _shortened_steps(dent, adaptive)), checkpoint=adaptive.checkpoint)
     return rewrap(short), {"source": "shortened", "gradient": short.describe()}
 

@@ -20,11 +20,11 @@ The APGD budget is ``attack.n_iter`` / ``attack.n_restarts`` / ``attack.n_target
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import Field, field_validator
 
-from dent.confbase import Section
+from dent.confbase import OMITTED_AT_DEFAULT, Section
 from dent.threat import PixelFloat
 
 #: The adaptive attack names, as registered in :data:`dent.attacks.ATTACKS`.
@@ -48,11 +48,11 @@ DEFAULT_N_TARGET_CLASSES = 9
 
 #: The keys of :class:`AdaptiveSection` each attack reads (the rest are reset in its attack points).
 RELEVANT_KEYS = {
-    "transfer": ("sources", "short_steps"),
+    "transfer": ("sources", "short_steps", "static_autocast"),
     "mixed": ("attacks", "mixed", "mixed_batch_size"),
     "through_adaptation": ("attacks", "horizon", "checkpoint"),
     "bpda_eot": ("attacks", "short_steps", "eot_noise", "checkpoint"),
-    "surrogate_transfer": ("attacks", "sources", "short_steps", "checkpoint"),
+    "surrogate_transfer": ("attacks", "sources", "short_steps", "checkpoint", "static_autocast"),
 }
 
 
@@ -98,6 +98,11 @@ class AdaptiveSection(Section):
     # bpda_eot: std of the Gaussian noise added to each EOT sample (pixel scale); 0 = no noise (and EOT
     # then defaults to 1 sample). attack.eot_iter sets the samples (default 4).
     eot_noise: Annotated[PixelFloat, Field(ge=0)] = 1 / 255
+    # transfer / surrogate_transfer from the static model: its forward and backward under bf16 autocast
+    # (opt-in fast path, on hardware with native bf16: docs/performance.md). Other gradients, so other
+    # adversarial inputs: a result key. The defense itself runs as its own config says; the shortened
+    # defense (BPDA, shortened sources) follows the defense's `autocast`.
+    static_autocast: Annotated[Literal["none", "bfloat16"], OMITTED_AT_DEFAULT] = "none"
 
     @field_validator("attacks", mode="before")
     @classmethod

@@ -13,47 +13,65 @@ from dent.sections import CommandConfig, DataSection, DeviceName, ModelSection
 
 PositiveInt = Annotated[int, Field(ge=1)]
 
-#: The defense configurations timed by default; ``steps`` is replaced by each K of ``bench.steps``.
+#: The defense configurations ``dent bench`` knows by name; ``steps`` is replaced by each K of ``bench.steps``.
+#: ``*_fast``: the fast paths, chosen on the machine it runs on (bf16 steps where the hardware has native
+#: bf16, channels-last where it measures faster; ``_prediction``: the final prediction in bf16 too); their
+#: float32 twin is the name before ``_fast``.
 PRESETS: dict[str, DentConfig] = {
     "dent": DentConfig(preset="dent"),  # batch-wise BN scale/shift, Adam lr 1e-3, entropy (paper Table 1)
-    # sample-wise: the project's batch-size-independent dent+, as timed in results/bench-cpu (the official
-    # preset takes the same forward and backward passes)
-    "dent+": DentConfig(preset="dent_plus_bsi"),
+    "dent+": DentConfig(preset="dent_plus_official"),  # the official dent+ exactly (what bench.official runs)
+    "dent+_bsi": DentConfig(preset="dent_plus_bsi"),  # the project's batch-size-independent dent+
     "dent_sigma": DentConfig(input="batch"),  # plus an adapted Gaussian blur of the input (Sigma)
+    "dent_fast": DentConfig(preset="dent", autocast="auto", memory_format="auto"),
+    "dent+_fast": DentConfig(preset="dent_plus_official", autocast="auto", memory_format="auto"),
+    "dent+_fast_prediction": DentConfig(preset="dent_plus_official", autocast="auto", autocast_prediction=True,
+                                        memory_format="auto"),
 }
-
 
 class BenchSection(Section):
     """Settings of ``dent bench`` (timings, not results: nothing here changes what a defense computes).
 
-    The default matrix (3 defenses x K in {1, 10} x batch {16, 128}, 3 timed repeats after 1 warm-up, the
-    naive reference for dent at K = 1, the attack gradients at K = 1) is sized to finish in about 8 minutes
-    on 2 idle CPU cores for the shipped ResNet-18 (docs/performance.md; a busy machine takes longer; the naive
-    reference at K = 10 adds about 2 minutes). ``steps: [1, 5, 10, 30]`` is the paper's range: at batch 128 on such a
-    CPU each K = 30 call takes about a minute, so add it (or K = 5) for fewer defenses or on a GPU.
+    The default matrix (dent, dent+ and dent+'s two fast paths at K = 6, batch {16, 128}, 3 timed repeats
+    after 1 warm-up; the fast paths' agreement with float32 on 1000 images; the attack gradients at K = 1)
+    took 7 min 58 s with ``bench.official`` on 2 idle CPU cores (AVX-512 with native bf16) for the shipped
+    ResNet-18 (docs/performance.md). ``steps: [1, 5, 10, 30]`` is the paper's range: at batch 128 on such a CPU each
+    K = 30 call in float32 takes about a minute.
     """
 
     model: Optional[str] = None  # a named model or an architecture (random weights); default: model.arch
     defenses: dict[str, DentConfig] = Field(default_factory=lambda: dict(PRESETS))
-    modes: list[str] = Field(default_factory=lambda: list(PRESETS))  # which of `defenses` to time
-    steps: list[PositiveInt] = Field(default_factory=lambda: [1, 10])  # K, the adaptation steps
+    # which of `defenses` to time
+    modes: list[str] = Field(default_factory=lambda: ["dent", "dent+", "dent+_fast", "dent+_fast_prediction"])
+    steps: list[PositiveInt] = Field(default_factory=lambda: [6])  # K, the adaptation steps
     batch_sizes: list[PositiveInt] = Field(default_factory=lambda: [16, 128])
     repeats: PositiveInt = 3  # timed calls per configuration; tables show the median
     warmup: Annotated[int, Field(ge=0)] = 1  # untimed calls first (defenses: per batch size, at K = 1)
     # The naive reference (dent.benchmark.naive): timed for these modes ([] = none; null = all of `modes`)
     # at these K (null = all of `steps`), beside the fast defense, and its outputs compared with it.
-    naive_modes: Optional[list[str]] = Field(default_factory=lambda: ["dent"])
+    naive_modes: Optional[list[str]] = Field(default_factory=list)
     naive_steps: Optional[list[PositiveInt]] = Field(default_factory=lambda: [1])
+    # The official implementation (dent.benchmark.official): the path of DequanWang/dent's dent.py (or of a
+    # clone of that repository), timed at every batch size and K as the defense `official_mode`; null: not timed.
+    official: Optional[str] = None
+    official_mode: str = "dent+"
+    # Agreement of each fast-path defense (reduced precision or another memory format) with its float32 twin
+    # on this many images of `data` (0: only the timed batches), in batches of `agreement_batch_size`, at
+    # K = the largest of `steps`.
+    agreement_images: Annotated[int, Field(ge=0)] = 1000
+    agreement_batch_size: PositiveInt = 128
     # Peak memory, measured on the first warm-up call (defenses: K = 1; a step's graph is freed before the
     # next, so it does not grow with K).
     memory: bool = True
-    profile: bool = True  # torch.profiler breakdown of one K = 1 call per defense at the largest batch
+    profile: bool = True  # torch.profiler breakdown of one K = 1 call per defense (and the official one)
+    profile_batch: Optional[PositiveInt] = None  # the batch size profiled; default: the largest
     # The attack through the adaptation (dent.defenses.differentiable): one attack gradient (forward + input
     # backward through all K steps), with and without gradient checkpointing, for these modes and K.
-    attack_modes: list[str] = Field(default_factory=lambda: ["dent"])
+    attack_modes: list[str] = Field(default_factory=lambda: ["dent", "dent+_fast"])
     attack_steps: list[PositiveInt] = Field(default_factory=lambda: [1])
     attack_batch_size: PositiveInt = 16
-    data: str = "random"  # "random" (uniform noise, seeded) or a data set name: its first test images
+    # "random" (uniform noise, seeded), a data set name (its first test images), or "auto": CIFAR-10 where it is
+    # found (dent.data.find_data_dir), else random
+    data: str = "auto"
     image_size: PositiveInt = 32
     device: Optional[DeviceName] = None  # default: the run's `device`
     threads: Optional[PositiveInt] = None  # torch CPU threads; default: torch's (all cores)
@@ -68,8 +86,9 @@ class BenchSection(Section):
 
     @model_validator(mode="after")
     def _known_modes(self) -> "BenchSection":
-        for key in ("modes", "naive_modes", "attack_modes"):
-            unknown = [m for m in getattr(self, key) or [] if m not in self.defenses]
+        for key in ("modes", "naive_modes", "attack_modes", "official_mode"):
+            value = getattr(self, key)
+            unknown = [m for m in ([value] if isinstance(value, str) else value or []) if m not in self.defenses]
             if unknown:
                 raise ValueError(f"{key}: {unknown} not in bench.defenses ({', '.join(self.defenses)})")
         return self

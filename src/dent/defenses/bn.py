@@ -27,7 +27,8 @@ class AdaptiveBatchNorm(nn.Module):
 
     ``weight``/``bias`` are set by dent before each forward: ``None`` (the norm's own parameters), shape [C]
     (one set for the batch) or [B, C] (one set per input: with fixed statistics, a BatchNorm over the B*C
-    planes of the input viewed as one sample, else a broadcast over [B, C, 1, 1]). Statistics are the
+    planes of the input viewed as one sample, or for inputs that are not contiguous (channels-last) one
+    multiply-add with the statistics folded in; else a broadcast over [B, C, 1, 1]). Statistics are the
     norm's running estimates or, with ``batch_stats`` (or for a norm that tracks none), estimates on the
     current batch: ``F.batch_norm`` in training mode *without* running buffers, so nothing is written back.
 
@@ -72,10 +73,16 @@ class AdaptiveBatchNorm(nn.Module):
         if weight is None or weight.dim() == 1:
             return F.batch_norm(x, mean, var, weight, bias, batch_stats, 0.0, norm.eps)
         shape = weight.shape + (1,) * (x.dim() - 2)
+        # Per-input values broadcast over [B, C, 1, 1] in the activations' dtype (bf16 under autocast: a float32
+        # scale would promote the activations to float32 for the next layer).
         if not batch_stats and self.folded:
             scale = weight * (var + norm.eps).rsqrt()
             shift = bias - mean * scale
-            return x * scale.view(shape) + shift.view(shape)
+            return x * scale.view(shape).to(x.dtype) + shift.view(shape).to(x.dtype)
+        if not batch_stats and not x.is_contiguous():
+            # e.g. channels-last, which cannot be viewed as B*C planes: one multiply-add with the statistics folded in
+            scale = weight * (var + norm.eps).rsqrt()
+            return torch.addcmul((bias - mean * scale).view(shape).to(x.dtype), x, scale.view(shape).to(x.dtype))
         if not batch_stats and x.is_contiguous():
             # Per-input affine, fixed statistics: [B, C, ...] viewed as [1, B*C, ...] is a BatchNorm over B*C
             # channels with per-(input, channel) affine, one fused kernel forward and backward instead of a
@@ -87,7 +94,7 @@ class AdaptiveBatchNorm(nn.Module):
             )
             return out.view_as(x)
         normalized = F.batch_norm(x, mean, var, None, None, batch_stats, 0.0, norm.eps)
-        return torch.addcmul(bias.view(shape), normalized, weight.view(shape))
+        return torch.addcmul(bias.view(shape).to(x.dtype), normalized, weight.view(shape).to(x.dtype))
 
 
 def batch_norm_slots(root: nn.Module) -> list[Slot]:

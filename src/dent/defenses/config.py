@@ -5,8 +5,10 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Any, Literal, Optional
 
+import torch
 from pydantic import Field, field_validator, model_validator
 
+from dent import runtime
 from dent.confbase import NON_RESULT, OMITTED_AT_DEFAULT, Section
 from dent.defenses.objectives import OBJECTIVES
 from dent.defenses.optim import OPTIMIZERS
@@ -94,10 +96,27 @@ class DentConfig(Section):
     episodic: bool = True  # reset to the initial state after every call (the paper's default)
     sample_grad: Annotated[SampleGrad, OMITTED_AT_DEFAULT] = SampleGrad.OWN_TERM  # see SampleGrad; only per-input tensors are concerned
     bn_arithmetic: Annotated[BNArithmetic, OMITTED_AT_DEFAULT] = BNArithmetic.FUSED  # see BNArithmetic; "folded" needs affine sample, stats fixed
-    # Autocast dtype of the adaptation steps ("none": the model's own precision). "bfloat16" speeds up the
-    # steps on GPUs with bf16 tensor cores; the final prediction always runs in full precision. On CPUs
-    # without native bf16 it is far slower (measured: docs/performance.md). Check accuracy with `dent bench`.
-    autocast: Annotated[Literal["none", "bfloat16"], OMITTED_AT_DEFAULT] = "none"  # (keeps earlier unit keys)
+    # Precision of the adaptation steps: "bfloat16" (bf16 autocast), "none" (the model's own precision) or
+    # "auto": bfloat16 where the device computes bf16 natively (dent.runtime.native_bf16: CPUs with AVX-512
+    # BF16 or AMX, CUDA GPUs with bf16), else none. The objective is always computed in float32. An
+    # evaluation resolves "auto" (DentConfig.resolved) before it keys its units, so a stored result records
+    # the precision it was computed in. bf16 is a different defense (logits differ, see docs/performance.md).
+    autocast: Annotated[Literal["none", "bfloat16", "auto"], OMITTED_AT_DEFAULT] = "none"  # (keeps earlier unit keys)
+    autocast_prediction: Annotated[bool, OMITTED_AT_DEFAULT] = False  # the final prediction under autocast too
+    # Memory format of the convolutions during a call: "channels_last" (inputs, and a channels-last copy of
+    # the 4-D weights), "contiguous", or "auto": the faster of the two for each input shape, measured by
+    # Dent on its first call with that shape. Not a result key: like the thread count, it changes only
+    # the float summation order (so "auto" trades bit-for-bit reruns for speed; name a format to keep them).
+    memory_format: Annotated[Literal["contiguous", "channels_last", "auto"], NON_RESULT, OMITTED_AT_DEFAULT] = (
+        "contiguous")
+
+    def resolved(self, device: Any) -> "DentConfig":
+        """This config with ``autocast='auto'`` replaced by what it means on ``device`` (a torch.device or name)."""
+        if self.autocast != "auto":
+            return self
+        if runtime.native_bf16(torch.device(device))[0]:
+            return self.replace(autocast="bfloat16")
+        return self.replace(autocast="none", autocast_prediction=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -141,6 +160,13 @@ class DentConfig(Section):
         # i-th input is unrelated, has no meaning.
         if not self.episodic and (self.affine is AffineMode.SAMPLE or self.input is InputMode.SAMPLE):
             raise ValueError("episodic=False needs affine and input other than 'sample' (per-input state)")
+        return self
+
+    @model_validator(mode="after")
+    def _prediction_autocast_needs_autocast(self) -> "DentConfig":
+        if self.autocast_prediction and self.autocast == "none":
+            raise ValueError("autocast_prediction=True runs the final prediction under the steps' autocast, so it "
+                             "needs autocast 'bfloat16' or 'auto' (got 'none')")
         return self
 
     @model_validator(mode="after")

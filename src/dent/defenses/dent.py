@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from dent.defenses.blur import gaussian_blur
+from dent.defenses.fastpath import converted_weights, faster_memory_format
 from dent.defenses.bn import AdaptiveBatchNorm, batch_norm_slots, swapped
 from dent.defenses.config import AffineMode, BNArithmetic, DentConfig, InputMode, SampleGrad, StatsMode
 from dent.defenses.objectives import OBJECTIVES
@@ -110,8 +111,11 @@ class Dent(nn.Module):
     computed) and frees its graph; with the final prediction, about 2K + 1 forward passes. No copy of the
     model is made: the adapted values live in a few flat tensors that are restored in place, and per-input
     values are applied by broadcasting or one BatchNorm over B*C planes, never by looping over inputs.
-    ``config.autocast`` runs the steps under bf16 autocast (GPUs). ``dent bench`` measures all of this
-    against the static forward and a naive implementation (docs/performance.md).
+    Fast paths (docs/performance.md): ``config.autocast`` runs the steps under bf16 autocast (``'auto'``:
+    where the device has native bf16), ``config.autocast_prediction`` the final prediction too, and
+    ``config.memory_format`` the convolutions channels-last (``'auto'``: where one step measures faster, per
+    input shape). ``dent bench`` measures all of this against the static forward, a naive implementation
+    and the official one, and each fast path's agreement with float32.
     """
 
     # Traits of the defense protocol (dent.defenses.protocol): the final prediction is differentiable and
@@ -156,6 +160,9 @@ class Dent(nn.Module):
         sigma = config.sigma_init
         self._raw_sigma_init = sigma + math.log(-math.expm1(-sigma))  # softplus^-1, stable for any sigma > 0
         self._state: _Adaptation | None = None
+        self._weights: dict[tuple, tuple[tuple, Tensor]] = {}  # converted weight copies: see converted_weights
+        #: memory_format='auto': (input shape, device, dtype) -> the faster format and the timings that chose it
+        self.measured_formats: dict[tuple, dict] = {}
 
     def reset(self) -> None:
         """Return to the initial state: the wrapped model's own parameters, ``sigma_init``, fresh optimizer."""
@@ -173,16 +180,26 @@ class Dent(nn.Module):
     def _adapt_and_predict(self, x: Tensor) -> Tensor:
         state = self._state_for(x)
         with self._model_prepared():
+            channels_last = self._channels_last(x, state)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            dtype = self._autocast(x.device)
             if state.optimizer is not None:
                 # Adapt on a detached input: an attacker's x.grad must hold only the final prediction's gradient.
                 inputs = x.detach()
-                with torch.enable_grad():
+                with torch.enable_grad(), converted_weights(self.model, self._weights, channels_last, dtype):
                     for _ in range(self.config.steps):
                         loss = self._step_loss(inputs, state.affine, state.sigma())
                         state.optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                         state.optimizer.step()
-            return self._logits(x, *state.snapshot())
+            dtype = dtype if self.config.autocast_prediction else None
+            with converted_weights(self.model, self._weights, channels_last, dtype):
+                return self._predict(x, *state.snapshot())
+
+    def _autocast(self, device: torch.device) -> torch.dtype | None:
+        """The autocast dtype of the steps on ``device`` (``None``: none), ``autocast='auto'`` resolved."""
+        return torch.bfloat16 if self.config.resolved(device).autocast == "bfloat16" else None
 
     def _step_loss(self, x: Tensor, affine: Affine, sigma: Tensor | None) -> Tensor:
         """The objective one adaptation step minimizes, for the adapted tensors ``affine`` and ``sigma``.
@@ -190,11 +207,36 @@ class Dent(nn.Module):
         Shared with the differentiable adaptation (:mod:`dent.defenses.differentiable`), so both take the
         same steps. Call inside :meth:`_model_prepared`.
         """
-        with torch.autocast(x.device.type, torch.bfloat16) if self.config.autocast != "none" else nullcontext():
+        dtype = self._autocast(x.device)
+        with torch.autocast(x.device.type, dtype) if dtype is not None else nullcontext():
             logits = self._logits(x, affine, sigma)
         if logits.dtype == torch.bfloat16:
             logits = logits.float()  # the objective in full precision
         return self.objective(logits, self.config)
+
+    def _predict(self, x: Tensor, affine: Affine, sigma: Tensor | None) -> Tensor:
+        """The final prediction: in the model's precision, or with ``autocast_prediction`` under the steps'
+        autocast (bf16 logits returned in float32, as attacks and accuracies expect)."""
+        dtype = self._autocast(x.device) if self.config.autocast_prediction else None
+        if dtype is None:
+            return self._logits(x, affine, sigma)
+        with torch.autocast(x.device.type, dtype):
+            logits = self._logits(x, affine, sigma)
+        return logits.float() if logits.dtype == dtype else logits
+
+    def _channels_last(self, x: Tensor, state: _Adaptation) -> bool:
+        """Whether this call runs channels-last: as configured, or for ``memory_format='auto'`` the faster
+        format for ``x``'s shape, measured on the first call with that shape (:func:`faster_memory_format`)."""
+        choice = self.config.memory_format
+        if choice != "auto":
+            return choice == "channels_last"
+        key = (tuple(x.shape), x.device, x.dtype)
+        if key not in self.measured_formats:
+            sigma = state.sigma()
+            step = lambda inputs: self._step_loss(inputs, state.affine, sigma)  # noqa: E731
+            self.measured_formats[key] = faster_memory_format(step, self.model, self._weights, x.detach(),
+                                                              state.optimizer is not None, self._autocast(x.device))
+        return self.measured_formats[key]["format"] == "channels_last"
 
     def _logits(self, x: Tensor, affine: Affine, sigma: Tensor | None) -> Tensor:
         if sigma is not None:

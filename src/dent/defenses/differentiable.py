@@ -338,7 +338,7 @@ class DifferentiableDent(nn.Module):
             params = [p.detach() for p in params]
         with dent._model_prepared():
             affine, sigma = self._split(params, x)
-            return dent._logits(x, affine, sigma)
+            return dent._predict(x, affine, sigma)
 
 
 def shortened(dent: Dent, steps: int) -> Dent:

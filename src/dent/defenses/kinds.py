@@ -158,6 +158,16 @@ class ImportedConfig(Section):
         return import_defense(self.kind)(model, **self.params)
 
 
+def resolved_defense(config: Section, device: Any) -> Section:
+    """``config`` with what depends on the device fixed for ``device`` (dent's ``autocast: auto``), in every stage
+    of a pipeline too, so that a unit's key records what actually runs there."""
+    if isinstance(config, DentConfig):
+        return config.resolved(device)
+    if isinstance(config, PipelineConfig):
+        return config.model_copy(update={"stages": [resolved_defense(stage, device) for stage in config.stages]})
+    return config
+
+
 def import_defense(path: str) -> type[nn.Module]:
     """The ``nn.Module`` subclass named ``package.module:Class``; ValueError saying what is wrong."""
     module_name, _, attr = path.partition(":")

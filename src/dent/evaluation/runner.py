@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from dent.attacks.registry import ATTACKS
 from dent.confbase import Section, as_section
 from dent.data.split import images_and_labels
-from dent.defenses.kinds import build_defense
+from dent.defenses.kinds import build_defense, resolved_defense
 from dent.defenses.protocol import traits_of
 from dent.errors import ConfigError
 from dent.evaluation.config import EvaluateConfig
@@ -120,8 +120,14 @@ def measured_identity(cfg: EvaluateConfig, model: Optional[nn.Module] = None,
 
 
 def plan(cfg: EvaluateConfig, identity: dict[str, dict[str, Any]], n_images: int,
-         image_dim: Optional[int] = None) -> list[Unit]:
-    """The units of ``cfg`` (this shard's share, every repeat) for the model and data ``identity``."""
+         image_dim: Optional[int] = None, device: Optional[torch.device] = None) -> list[Unit]:
+    """The units of ``cfg`` (this shard's share, every repeat) for the model and data ``identity``.
+
+    Defense configs are resolved for ``device`` (default: ``cfg.device``'s): a unit's key records the precision
+    its defense computes in (``autocast='auto'`` becomes 'bfloat16' or 'none'), so a bf16 result never
+    resumes a float32 run, and ``auto`` on machines that resolve it differently keys different units.
+    """
+    device = device or resolve_device(cfg.device)
     points = cfg.attack.points()
     if image_dim is not None:
         for point in points:
@@ -131,7 +137,7 @@ def plan(cfg: EvaluateConfig, identity: dict[str, dict[str, Any]], n_images: int
                 raise ConfigError(f"config key 'attack.threats': {exc}") from None
     contexts = [repeat_context(identity, cfg.seed, r, seed, cfg.data.seed) for r, seed in enumerate(subset_seeds(cfg))]
     return plan_units(
-        defenses=cfg.defenses,
+        defenses={name: resolved_defense(config, device) for name, config in cfg.defenses.items()},
         points=points,
         n_images=n_images,
         batch_sizes=list(cfg.evaluation.batch_sizes) or [cfg.data.batch_size],
@@ -236,7 +242,7 @@ def evaluate(
     identity = measured_identity(cfg, model, first if data is not None else None)
     chash = run_hash(cfg, identity)
     run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir("evaluate", chash)
-    units = plan(cfg, identity, len(first[1]), image_dim=int(first[0][0].numel()))
+    units = plan(cfg, identity, len(first[1]), image_dim=int(first[0][0].numel()), device=device)
     store = open_run(run_dir, cfg, identity)
     try:
         with run_logging(run_dir / LOG_NAME):
