@@ -204,3 +204,16 @@ def test_repeats_pool_into_one_report_row_with_their_spread(tmp_path, net, vary_
         assert row.natural.n == 30 and sorted(row.natural.by_repeat) == [0, 1, 2]
         assert row.natural.spread is not None
         assert all(result.worst.n == 30 for result in row.attacks.values())
+
+
+def test_a_merged_report_gives_each_setting_of_one_defense_name_its_own_column(tmp_path, net, data):
+    """Merging runs that use one name for two settings (here two learning rates) must not show one of them only."""
+    from dent.evaluation.report import main_table
+
+    a = evaluate(config(tmp_path), model=net, data=data)
+    b = evaluate(config(tmp_path, "defenses.dent.lr", "0.02"), model=net, data=data)
+    assert a.run_dir != b.run_dir
+    table = main_table(load_summary([a.run_dir, b.run_dir]))
+    header = table.splitlines()[0]
+    assert "Natural dent (1 steps" in header and "lr 0.01)" in header and "lr 0.02)" in header
+    assert header.count("Natural static") == 1  # the same setting in both runs stays one column

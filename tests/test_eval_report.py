@@ -260,3 +260,14 @@ def test_rerun_on_one_machine_stores_the_same_results_bit_for_bit(tmp_path):
         assert numerics["deterministic_algorithms"] is True
     assert len(stored[0]) == 12 and stored[0] == stored[1]
     assert torch.are_deterministic_algorithms_enabled()
+
+
+def test_the_defense_description_names_a_reduced_precision():
+    from dent.defenses import DentConfig
+    from dent.evaluation.report import _defense_text
+
+    plain = DentConfig(steps=2).to_dict()
+    assert "bfloat16" not in _defense_text(plain)
+    assert _defense_text({**plain, "autocast": "bfloat16"}).endswith("bfloat16 steps")
+    assert _defense_text({**plain, "autocast": "bfloat16", "autocast_prediction": True}).endswith(
+        "bfloat16 steps and prediction")

@@ -107,12 +107,15 @@ def _row_label(row: Row, summary: Summary, with_defense: bool = False) -> str:
     return " / ".join(parts)
 
 
+def _column(row: Row, summary: Summary) -> str:
+    """A row's defense column: its name, plus its settings when merged runs use one name for several settings
+    (e.g. an fp32 and a bf16 run), so that no column stands for two defenses."""
+    configs = {json.dumps(r.defense_config, sort_keys=True) for r in summary.rows if r.defense == row.defense}
+    return row.defense if len(configs) == 1 else f"{row.defense} ({_defense_text(row.defense_config)})"
+
+
 def _defenses(summary: Summary) -> list[str]:
-    out: list[str] = []
-    for row in summary.rows:
-        if row.defense not in out:
-            out.append(row.defense)
-    return out
+    return list(dict.fromkeys(_column(row, summary) for row in summary.rows))
 
 
 def main_table(summary: Summary) -> str:
@@ -120,7 +123,7 @@ def main_table(summary: Summary) -> str:
     defenses = _defenses(summary)
     groups: dict[tuple, dict[str, Row]] = defaultdict(dict)
     for row in summary.rows:
-        groups[(row.model, json.dumps(row.context, sort_keys=True), row.batch_size)][row.defense] = row
+        groups[(row.model, json.dumps(row.context, sort_keys=True), row.batch_size)][_column(row, summary)] = row
     header = ["Accuracy (%)"] + [f"Natural {d}" for d in defenses]
     header += [f"Adversarial {d}" for d in defenses] if summary.point_labels else []
     lines: list[list[str]] = []
@@ -306,6 +309,8 @@ def _defense_text(cfg: dict[str, Any]) -> str:
     if cfg.get("objective") not in ("entropy", None):
         parts.append(f"objective {cfg.get('objective')}")
     parts.append(f"{cfg.get('optimizer')} lr {cfg.get('lr')}")
+    if cfg.get("autocast") not in ("none", None):  # the precision a unit ran in (resolved from 'auto')
+        parts.append(f"{cfg['autocast']} steps" + (" and prediction" if cfg.get("autocast_prediction") else ""))
     return ", ".join(parts)
 
 
