@@ -107,23 +107,23 @@ def _row_label(row: Row, summary: Summary, with_defense: bool = False) -> str:
     return " / ".join(parts)
 
 
-def _column(row: Row, summary: Summary) -> str:
-    """A row's defense column: its name, plus its settings when merged runs use one name for several settings
-    (e.g. an fp32 and a bf16 run), so that no column stands for two defenses."""
-    configs = {json.dumps(r.defense_config, sort_keys=True) for r in summary.rows if r.defense == row.defense}
-    return row.defense if len(configs) == 1 else f"{row.defense} ({_defense_text(row.defense_config)})"
-
-
-def _defenses(summary: Summary) -> list[str]:
-    return list(dict.fromkeys(_column(row, summary) for row in summary.rows))
+def _columns(summary: Summary) -> dict[int, str]:
+    """Each row's defense column (by ``id(row)``): its name, plus its settings when merged runs use one name for
+    several settings (e.g. an fp32 and a bf16 run), so that no column stands for two defenses."""
+    settings: dict[str, set[str]] = defaultdict(set)
+    for row in summary.rows:
+        settings[row.defense].add(json.dumps(row.defense_config, sort_keys=True))
+    return {id(row): row.defense if len(settings[row.defense]) == 1
+            else f"{row.defense} ({_defense_text(row.defense_config)})" for row in summary.rows}
 
 
 def main_table(summary: Summary) -> str:
     """The paper's format: Natural and Adversarial accuracy, one column per defense."""
-    defenses = _defenses(summary)
+    column = _columns(summary)
+    defenses = list(dict.fromkeys(column.values()))
     groups: dict[tuple, dict[str, Row]] = defaultdict(dict)
     for row in summary.rows:
-        groups[(row.model, json.dumps(row.context, sort_keys=True), row.batch_size)][_column(row, summary)] = row
+        groups[(row.model, json.dumps(row.context, sort_keys=True), row.batch_size)][column[id(row)]] = row
     header = ["Accuracy (%)"] + [f"Natural {d}" for d in defenses]
     header += [f"Adversarial {d}" for d in defenses] if summary.point_labels else []
     lines: list[list[str]] = []
