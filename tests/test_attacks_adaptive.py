@@ -207,3 +207,41 @@ def test_static_source_fast_path_is_opt_in_and_keyed(defended):
     assert out.notes["sources"]["static"] == {"source": "static", "autocast": "bfloat16"}
     static, mixed = StaticModel(dent.model)(x), StaticModel(dent.model, torch.bfloat16)(x)
     assert mixed.dtype == torch.float32 and 0 < (mixed - static).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("input_mode", ["batch", "sample"])
+def test_blur_sources_are_the_static_model_behind_dents_blur_at_its_initial_or_adapted_width(input_mode):
+    from dent.attacks.adaptive import _source
+    from dent.attacks.adaptive_config import Source
+    from dent.defenses.blur import gaussian_blur
+
+    net = tiny_net()
+    x = fake_data(6, model=net).images
+    dent = Dent(net, DentConfig(steps=3, lr=0.05, input=input_mode, sigma_init=0.8, sigma_lr=0.5))
+    adaptive = AdaptiveSection()
+    initial, info = _source(dent, Source.BLUR, adaptive, lambda m: m, x)
+    assert info == {"source": "blur", "sigma": 0.8}
+    with torch.no_grad():
+        assert torch.allclose(initial(x), net(gaussian_blur(x, torch.tensor([0.8]), 15)))
+    adapted, info = _source(dent, Source.ADAPTED_BLUR, adaptive, lambda m: m, x)
+    with torch.no_grad():
+        dent(x)
+    width = dent.adapted_sigma().median()
+    assert abs(info["sigma"] - 0.8) > 1e-3 and info["sigma"] == pytest.approx(float(width), abs=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(adapted(x), net(gaussian_blur(x, width.reshape(1), 15)))
+    # differentiable w.r.t. the input (it is a transfer surrogate)
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(adapted(xr).sum(), xr)
+    assert grad.abs().sum() > 0
+
+
+def test_blur_sources_of_a_defense_without_a_blur_are_the_static_model(defended):
+    dent, x, y = defended
+    p = point(name="transfer", threats=["Linf:32/255"], n_iter=[2], version="custom", attacks=["apgd-ce"],
+              adaptive={"sources": ["static", "blur", "adapted_blur"]})
+    out = ATTACKS.get("transfer")(dent, x, y, p, device="cpu", seed=0)
+    assert list(out.robust) == ["static:ensemble", "blur:ensemble", "adapted_blur:ensemble"]
+    assert out.notes["sources"]["blur"]["source"] == "static" and "no input blur" in out.notes["sources"]["blur"]["why"]
+    assert torch.equal(out.robust["static:ensemble"], out.robust["blur:ensemble"])
+    assert "from static+blur+adapted_blur" in p.label

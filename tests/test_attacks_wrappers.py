@@ -7,13 +7,14 @@ import torch
 from torch import nn
 
 from dent.attacks.apgd_batch import apgd_batch
-from dent.attacks.wrappers import BPDA, EOT, attack_view
+from dent.attacks.wrappers import BPDA, EOT, PlainGradient, attack_view
 from dent.defenses.protocol import Preprocessed
 from dent.defenses.transforms import BitDepth, RandomResizePad
 from dent.errors import InvalidInputError
 from dent.evaluation.config import EvaluateConfig
 from dent.evaluation.report import load_summary
 from dent.evaluation.runner import evaluate
+from dent.evaluation.security import sanity_checks
 
 from eval_support import NoisyDefense, fake_data, tiny_net
 
@@ -72,10 +73,15 @@ def test_bpda_answers_are_the_defense_s_and_its_gradient_the_surrogate_s():
 
 def test_attack_view_follows_the_declarations_only():
     net = tiny_net()
-    assert attack_view(net) is net  # differentiable, deterministic: the defense itself
+    view = attack_view(net)  # differentiable, deterministic: the defense itself, with an exact zero gradient path
+    assert isinstance(view, PlainGradient) and view.defense is net
+    x = torch.rand(3, 3, 8, 8, requires_grad=True)
+    (g_view,) = torch.autograd.grad(view(x).sum(), x)
+    (g_net,) = torch.autograd.grad(net(x).sum(), x)
+    assert torch.equal(view(x), net(x)) and torch.equal(g_view, g_net)
     noisy = NoisyDefense(net)
     view = attack_view(noisy, 5)
-    assert isinstance(view, EOT) and view.model is noisy and view.samples == 5
+    assert isinstance(view, EOT) and view.model.defense is noisy and view.samples == 5
     both = Preprocessed(BitDepth(4), Preprocessed(RandomResizePad(), net))
     view = attack_view(both)
     assert isinstance(view, EOT) and isinstance(view.model, BPDA)
@@ -112,8 +118,11 @@ def test_evaluate_a_jpeg_then_dent_pipeline_end_to_end(tmp_path):
     assert run.n_run == 2  # clean and attack units
     summary = load_summary([run.run_dir])
     (row,) = summary.rows
-    assert row.defense == "jpeg_dent" and row.natural.n == 8
+    assert row.defense == "jpeg_dent" and row.natural.n == 8 and row.steps == 1  # the dent stage's steps
     assert set(row.attacks) and all(pr.worst.n == 8 for pr in row.attacks.values())
+    # JPEG runs outside autograd: the plain gradient is missing at every point, and the report says so.
+    assert row.plain_gradient == {"n": 8, "zero": 8, "nonfinite": 0}
+    assert any(c.kind == "gradient" and not c.ok for c in sanity_checks(summary))
     again = evaluate(cfg, model=net, data=data, run_dir=tmp_path / "run")
     assert again.n_skipped == 2 and again.n_run == 0  # resumable by unit key
 
@@ -199,3 +208,21 @@ def test_dent_attacks_refuse_a_defense_without_dent_and_point_to_declared_apgd()
     with pytest.raises(InvalidInputError, match="declared_apgd"):
         adaptive_attack(Preprocessed(BitDepth(4), tiny_net()), torch.rand(2, 3, 8, 8), torch.tensor([0, 1]),
                         "through_adaptation", eps=8 / 255, n_iter=1)
+
+
+def test_plain_attacks_on_a_defense_outside_autograd_fail_instead_of_raising():
+    """AutoAttack and PGD differentiate the defense itself: a codec outside autograd is a zero gradient
+    (every point stays robust, the masking check flags it), not an autograd error."""
+    from dent.attacks import ATTACKS, AttackSection
+    from dent.defenses.transforms import JPEG
+
+    net = tiny_net()
+    data = fake_data(6, model=net)
+    jpeg = Preprocessed(JPEG(), net)
+    with torch.no_grad():
+        right = jpeg(data.images).argmax(1) == data.labels
+    for name, extra in [("autoattack", {"version": "custom", "attacks": ["apgd-ce"]}), ("pgd", {})]:
+        p = AttackSection(name=name, threats=["Linf:32/255"], n_iter=[3], **extra).points()[0]
+        out = ATTACKS.get(name)(jpeg, data.images, data.labels, p, device="cpu", seed=0)
+        (flags,) = out.robust.values()
+        assert torch.equal(flags, right), name

@@ -111,8 +111,18 @@ def config_defense_entries() -> list[tuple[str, dict[str, Any]]]:
         sections = [("defenses", data.get("defenses") or {}), ("bench.defenses", (data.get("bench") or {}).get("defenses") or {})]
         for where, defenses in sections:
             for name, entry in defenses.items():
-                entries.append((f"{path.relative_to(ROOT)}: {where}.{name}", entry or {}))
+                entries += dent_entries(f"{path.relative_to(ROOT)}: {where}.{name}", entry or {})
     return entries
+
+
+def dent_entries(where: str, entry: dict[str, Any] | str) -> list[tuple[str, dict[str, Any]]]:
+    """The dent configs in a defense entry: itself, the dent stages of a pipeline, none for other kinds."""
+    if isinstance(entry, str):
+        return [(where, {})] if entry == "dent" else []
+    kind = entry.get("kind", "dent")
+    if kind == "pipeline":
+        return [e for i, stage in enumerate(entry.get("stages", [])) for e in dent_entries(f"{where}.stages[{i}]", stage)]
+    return [(where, {k: v for k, v in entry.items() if k != "kind"})] if kind == "dent" else []
 
 
 def code_defense_entries() -> list[tuple[str, dict[str, Any]]]:
@@ -128,6 +138,9 @@ def test_the_copy_check_catches_copies():
     assert copied_preset_keys({"preset": "dent_plus_bsi", "affine": "sample"}) == {}
     assert copied_preset_keys({"steps": 6, "input": "batch"}) == {}
     assert copied_preset_keys({"steps": 10, "objective": "infomax"}) == {}  # an ablation of one key
+    pipeline = {"kind": "pipeline", "stages": ["jpeg", {"steps": 6, "optimizer": "adamod", "lr": 0.006}]}
+    assert dent_entries("p", pipeline) == [("p.stages[1]", {"steps": 6, "optimizer": "adamod", "lr": 0.006})]
+    assert dent_entries("j", {"kind": "jpeg", "quality": 50}) == []
 
 
 @pytest.mark.parametrize("where, entry", config_defense_entries() + code_defense_entries(), ids=lambda v: v if isinstance(v, str) else "")

@@ -139,6 +139,36 @@ def test_sap_prunes_only_inside_its_own_calls():
     assert torch.equal(after, plain)  # the wrapped model serves other defenses unchanged
 
 
-def test_sap_needs_activation_layers():
-    with pytest.raises(InvalidInputError, match="activation layers"):
+class FunctionalReLUNet(nn.Module):
+    """Applies its activation as a function (as pyautoattack's ResNet-18 does): no activation module."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def test_sap_on_a_model_with_functional_activations_prunes_the_inputs_of_its_later_layers():
+    net = FunctionalReLUNet()
+    x = images(4, 8)
+    sap = SAP(net, fraction=0.05)
+    assert sap.pruned.startswith("inputs of convolution and linear layers")
+    seen = []
+    net.fc.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach().clone()))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        activation = torch.relu(net.conv(x)).flatten(1)
+        sap(x)
+    pruned = seen[-1]
+    kept = pruned != 0
+    assert (kept.float().mean() < 0.5) and kept.any()  # a draw of 5% of the map keeps few activations
+    assert (pruned[~kept & (activation > 0)] == 0).all() and (pruned[kept] >= activation[kept]).all()  # rescaled up
+    assert SAP(tiny_net()).pruned == "activation outputs"
+
+
+def test_sap_needs_activations():
+    with pytest.raises(InvalidInputError, match="activation module"):
         SAP(nn.Linear(3, 2))

@@ -129,7 +129,7 @@ def test_report_flags_a_failing_sweep():
     checks = {c.kind: c for c in sanity_checks(summary)}
     assert not checks["epsilon"].ok and not checks["iterations"].ok
     text = markdown(summary)
-    assert "**2 of 2 swept curve(s) flagged**" in text
+    assert "**2 of 2 check(s) flagged**" in text
     # 50% of 4 images is not about 0 even at its interval's low end [15.0, 85.0]; a drop from 4 to 2 of 4
     # is inside the intervals: flagged, but worded as not shown rather than as still dropping.
     assert "is not about 0" in text and "not shown converged" in text and "within the 95%" in text
@@ -190,3 +190,41 @@ def to_json_tables(files):
     import json
 
     return json.loads(files.json.read_text())["security"]["tables"]
+
+
+def test_an_eot_sweep_that_still_drops_is_flagged_and_one_that_converged_passes():
+    def eot_records(accuracies):
+        out = [record("dent", None, None, clean=[0, 1, 2, 3])]
+        for eot, robust in accuracies:
+            rec = record("dent", point("autoattack", n_iter=10, eot_iter=eot), {"ensemble": robust})
+            rec.attack = f"{rec.attack} eot {eot}"
+            out.append(rec)
+        return out
+
+    T, F = True, False
+    dropping = eot_records([(1, [T, T, T, T]), (4, [T, T, T, F]), (16, [T, F, F, F])])
+    (check,) = [c for c in sanity_checks(summarize(dropping)) if c.kind == "EOT samples"]
+    assert not check.ok and "EOT samples" in check.message and check.values == [(1, 1.0), (4, 0.75), (16, 0.25)]
+    assert "10 iter" in check.attack and "EOT" not in check.attack  # the budget along the curve is the axis
+    converged = eot_records([(1, [T, T, T, T]), (4, [T, F, T, F]), (16, [T, F, T, F])])
+    (check,) = [c for c in sanity_checks(summarize(converged)) if c.kind == "EOT samples"]
+    assert check.ok and "converged" in check.message
+
+
+@pytest.mark.parametrize("counts, ok", [({"n": 4, "zero": 0, "nonfinite": 0}, True),
+                                        ({"n": 4, "zero": 4, "nonfinite": 0}, False),
+                                        ({"n": 4, "zero": 0, "nonfinite": 1}, False)])
+def test_a_zero_or_nan_plain_gradient_is_flagged_as_gradient_masking(counts, ok):
+    clean = record("dent", None, None, clean=[0, 1, 2, 3])
+    clean.result["notes"] = {"plain_gradient": counts}
+    attacked = record("dent", point("autoattack"), {"ensemble": [True, True, False, True]})
+    summary = summarize([clean, attacked])
+    (check,) = [c for c in sanity_checks(summary) if c.kind == "gradient"]
+    assert check.ok is ok
+    text = markdown(summary)
+    assert ("gradient masking" in text) is (not ok)
+    if not ok:
+        assert f"zero at {counts['zero']} and not finite at {counts['nonfinite']} of 4" in text
+    # Stores written before the check have no counts: nothing is claimed either way.
+    assert not [c for c in sanity_checks(summarize([record("dent", None, None, clean=[0, 1, 2, 3]), attacked]))
+                if c.kind == "gradient"]

@@ -11,7 +11,8 @@ from dent.cli.main import main
 from eval_support import write_fake_cifar10, write_small_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p.name for p in (REPO / "cfgs").glob("table*.yaml")) + ["figure4.yaml", "main.yaml"]
+CONFIGS = sorted(p.name for p in (REPO / "cfgs").glob("table*.yaml")) + ["figure4.yaml", "main.yaml",
+                                                                       "security_transforms.yaml"]
 
 #: What each config's report must show beyond the main table.
 EXPECTED = {
@@ -22,6 +23,7 @@ EXPECTED = {
     "table9.yaml": ["## Accuracy vs batch size", "accuracy_vs_batch_size.png"],
     "table10.yaml": ["## Accuracy vs attack iterations", "accuracy_vs_iterations.png"],
     "figure4.yaml": ["## Accuracy vs epsilon", "accuracy_vs_eps.png"],
+    "security_transforms.yaml": ["gradient masking", "jpeg", "sap"],  # JPEG's plain gradient is flagged
 }
 
 

@@ -25,6 +25,8 @@ from dent.attacks.adaptive_config import (
 )
 from dent.attacks.apgd_batch import apgd_batch
 from dent.attacks.wrappers import BPDA, eot_draws, gradient_view
+from dent.defenses.blur import FixedBlur
+from dent.defenses.config import InputMode
 from dent.defenses.dent import Dent
 from dent.defenses.protocol import behind_transforms, bpda_surrogate, inherit_traits
 from dent.defenses.differentiable import DifferentiableDent, shortened
@@ -100,14 +102,42 @@ def _shortened_steps(dent: Dent, adaptive: AdaptiveSection) -> int:
     return max(1, min(adaptive.short_steps, dent.config.steps))
 
 
-def _source(dent: Dent, source: Source, adaptive: AdaptiveSection, rewrap: Rewrap) -> tuple[nn.Module, dict[str, Any]]:
-    """The model a transfer attack optimizes against (behind the defense's input transforms), and how it was built."""
+def _source(dent: Dent, source: Source, adaptive: AdaptiveSection, rewrap: Rewrap,
+            x: Tensor) -> tuple[nn.Module, dict[str, Any]]:
+    """The model a transfer attack on the batch ``x`` optimizes against (behind the defense's input
+    transforms), and how it was built."""
+    if source in (Source.BLUR, Source.ADAPTED_BLUR):
+        return _blur_source(dent, source, adaptive, rewrap, x)
     if source is Source.STATIC or dent.config.steps == 0:
-        if adaptive.static_autocast == "none":
-            return rewrap(StaticModel(dent.model)), {"source": "static"}
-        return rewrap(StaticModel(dent.model, torch.bfloat16)), {"source": "static", "autocast": adaptive.static_autocast}
+        return _static_source(dent, adaptive, rewrap)
     short = DifferentiableDent(shortened(dent, _shortened_steps(dent, adaptive)), checkpoint=adaptive.checkpoint)
     return rewrap(short), {"source": "shortened", "gradient": short.describe()}
+
+
+def _static_autocast(adaptive: AdaptiveSection) -> torch.dtype | None:
+    return None if adaptive.static_autocast == "none" else torch.bfloat16
+
+
+def _static_source(dent: Dent, adaptive: AdaptiveSection, rewrap: Rewrap) -> tuple[nn.Module, dict[str, Any]]:
+    info = {"source": "static"} | ({} if adaptive.static_autocast == "none" else {"autocast": adaptive.static_autocast})
+    return rewrap(StaticModel(dent.model, _static_autocast(adaptive))), info
+
+
+def _blur_source(dent: Dent, source: Source, adaptive: AdaptiveSection, rewrap: Rewrap,
+                 x: Tensor) -> tuple[nn.Module, dict[str, Any]]:
+    """The wrapped model behind dent's input blur frozen at its initial width or at the width dent adapts to
+    on the natural batch ``x`` (per-input widths: their median, since AutoAttack attacks sub-batches); the
+    static model when the defense has no blur."""
+    model, info = _static_source(dent, adaptive, rewrap)
+    if dent.config.input is InputMode.NONE:
+        return model, {**info, "requested": source.value, "why": "the defense has no input blur"}
+    sigma = torch.tensor([dent.config.sigma_init], device=x.device)
+    if source is Source.ADAPTED_BLUR:
+        _predict(rewrap(dent), x)  # adapts on the natural batch; its widths stay readable until the next call
+        sigma = dent.adapted_sigma().median().reshape(1)
+    blurred = nn.Sequential(FixedBlur(sigma, dent.config.max_kernel_size),
+                            StaticModel(dent.model, _static_autocast(adaptive)))
+    return rewrap(blurred), {**info, "source": source.value, "sigma": round(float(sigma), 6)}
 
 
 def _done(robust: dict, pred: dict, notes: dict):
@@ -133,7 +163,7 @@ def run_transfer(model: nn.Module, x: Tensor, y: Tensor, point: Any, *, device, 
     runs = autoattack_runs(point)
     robust, pred, source_robust, sources, warnings = {}, {}, {}, {}, []
     for source in adaptive.source_list("transfer"):
-        attacked, info = _source(dent, source, adaptive, rewrap)
+        attacked, info = _source(dent, source, adaptive, rewrap, x)
         sources[source.value] = info
         for label, attack_list in runs:
             aa = build_autoattack(attacked, point, attack_list, device=device, seed=seed)
@@ -328,7 +358,7 @@ def run_surrogate_transfer(model: nn.Module, x: Tensor, y: Tensor, point: Any, *
     budget = _budget(point, "surrogate_transfer")
     robust, pred, surrogate_robust, sources, timing = {}, {}, {}, {}, {}
     for source in adaptive.source_list("surrogate_transfer"):
-        surrogate, info = _source(dent, source, adaptive, rewrap)
+        surrogate, info = _source(dent, source, adaptive, rewrap, x)
         sources[source.value] = info
         for sub in adaptive.sub_attacks("surrogate_transfer"):
             label = f"{source.value}:{sub}"

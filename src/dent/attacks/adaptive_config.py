@@ -61,6 +61,11 @@ class Source(str, Enum):
 
     STATIC = "static"  # the wrapped model without adaptation
     SHORTENED = "shortened"  # the defense with adaptive.short_steps steps, differentiated through its updates
+    # The fixed part of dent with Sigma: the wrapped model behind dent's input blur at its initial width
+    # (sigma_init), or at the width dent adapts to on the natural batch (per-input widths: their median).
+    # On a defense without a blur both are the static model.
+    BLUR = "blur"
+    ADAPTED_BLUR = "adapted_blur"
 
 
 DEFAULT_SOURCES = {"transfer": (Source.STATIC,), "surrogate_transfer": (Source.STATIC, Source.SHORTENED)}
@@ -80,7 +85,8 @@ class AdaptiveSection(Section):
 
     # APGD variants to run (apgd-ce | apgd-dlr | apgd-t); [] = the attack's default (DEFAULT_SUB_ATTACKS).
     attacks: list[str] = Field(default_factory=list)
-    # transfer / surrogate_transfer: what to attack (static | shortened); [] = the attack's default.
+    # transfer / surrogate_transfer: what to attack (static | shortened | blur | adapted_blur); [] = the
+    # attack's default.
     sources: list[Source] = Field(default_factory=list)
     # Steps of the shortened defense (bpda_eot's gradient, the 'shortened' source); at most the defense's.
     short_steps: Annotated[int, Field(ge=1)] = 2
@@ -218,7 +224,7 @@ def describe_point(point: dict[str, Any]) -> str:
             out += f", noise std {_pixels(a.eot_noise)}"
     elif name == "surrogate_transfer":
         out = (f"transfer of {', '.join(a.sub_attacks(name))} from surrogates "
-               + "+".join(s.value if s is Source.STATIC else f"{a.short_steps}-step defense"
+               + "+".join(f"{a.short_steps}-step defense" if s is Source.SHORTENED else s.value
                           for s in a.source_list(name)))
     else:
         out = name

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dent.attacks import ball
+from dent.attacks.wrappers import PlainGradient
 from dent.errors import InvalidInputError
 from dent.threat import ThreatModel
 
@@ -105,7 +106,7 @@ def run_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, point, *, device
 
     n_iter = point.n_iter if point.n_iter is not None else DEFAULT_N_ITER
     result = pgd(
-        model, x, y, norm=point.norm, eps=point.eps, n_iter=n_iter, step_size=point.step_size,
+        PlainGradient(model), x, y, norm=point.norm, eps=point.eps, n_iter=n_iter, step_size=point.step_size,
         n_restarts=point.n_restarts or 1, random_start=point.random_start, seed=seed, progress=progress,
     )
     return AttackOutcome(robust={"pgd": result.robust.cpu()}, pred={"pgd": result.pred.cpu()},

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dent.defenses.protocol import bpda_surrogate, traits_of
+from dent.defenses.protocol import bpda_surrogate, inherit_traits, traits_of
 from dent.errors import InvalidInputError
 
 #: EOT draws of :func:`attack_view` for a randomized defense when the attack does not set ``eot_iter``.
@@ -58,6 +58,24 @@ class BPDA(nn.Module):
         return value + (approx - approx.detach())  # exactly the defense's answer, the approximation's gradient
 
 
+class PlainGradient(nn.Module):
+    """The defense as an attack on its own gradient sees it: its answers, and a zero gradient where autograd
+    has none (answers computed outside autograd, e.g. by a codec) instead of an autograd error. The attack
+    then fails there, as it would on any masked gradient, and the report's gradient check says why. The
+    added zero is exact: answers and existing gradients are unchanged."""
+
+    def __init__(self, defense: nn.Module):
+        super().__init__()
+        self.defense = defense
+        inherit_traits(self, defense)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.defense(x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            out = out + 0.0 * x.sum()
+        return out
+
+
 class EOT(nn.Module):
     """The mean of ``model``'s logits over ``samples`` calls: the expectation over a randomized defense's
     draws, and its gradient the mean of the draws' gradients."""
@@ -74,8 +92,8 @@ class EOT(nn.Module):
 
 
 def gradient_view(defense: nn.Module) -> nn.Module:
-    """``defense`` itself if it declares a useful gradient, else its :class:`BPDA`."""
-    return defense if traits_of(defense).differentiable else BPDA(defense)
+    """``defense`` itself (its :class:`PlainGradient`) if it declares a useful gradient, else its :class:`BPDA`."""
+    return PlainGradient(defense) if traits_of(defense).differentiable else BPDA(defense)
 
 
 def eot_draws(defense: nn.Module, requested: int | None) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 #: Widths below this many pixels are treated as this width: the blur is then exactly the identity (the
 #: neighbour taps underflow to 0), and dividing by a zero sigma could not produce NaNs.
@@ -43,3 +43,16 @@ def gaussian_blur(images: Tensor, sigma: Tensor, max_kernel_size: int) -> Tensor
     planes = F.conv2d(planes, kernel.view(-1, 1, 1, taps), groups=batch * channels)
     planes = F.conv2d(planes, kernel.view(-1, 1, taps, 1), groups=batch * channels)
     return planes.view(batch, channels, height, width)
+
+
+class FixedBlur(nn.Module):
+    """:func:`gaussian_blur` at a fixed width ``sigma`` (pixels; a float, or a tensor of shape [1]): the
+    input blur of dent with Sigma frozen, e.g. as the fixed part of the defense in a transfer surrogate."""
+
+    def __init__(self, sigma: float | Tensor, max_kernel_size: int):
+        super().__init__()
+        self.register_buffer("sigma", torch.as_tensor(sigma, dtype=torch.float32).detach().reshape(1).clone())
+        self.max_kernel_size = max_kernel_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        return gaussian_blur(x, self.sigma, self.max_kernel_size)

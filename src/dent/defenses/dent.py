@@ -169,6 +169,13 @@ class Dent(nn.Module):
         if self._state is not None:
             self._restart(self._state)
 
+    def adapted_sigma(self) -> Tensor | None:
+        """The blur width(s) of the last call's final prediction (detached; shape [1], or [B] per input), or
+        ``None`` without an input blur or before any call."""
+        if self._state is None or self._state.raw_sigma is None:
+            return None
+        return self._state.sigma().detach().clone()
+
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
         if torch.is_inference_mode_enabled():

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dent.attacks.masking import logits_and_plain_gradient
 from dent.attacks.registry import ATTACKS
 from dent.confbase import Section, as_section
 from dent.data.split import images_and_labels
@@ -199,8 +200,9 @@ def run_unit(unit: Unit, defended: nn.Module, images: torch.Tensor, labels: torc
     torch.manual_seed(seed)
     result: dict[str, Any] = {"positions": list(unit.positions), "labels": y.cpu().tolist()}
     if unit.kind == CLEAN:
-        with torch.no_grad():
-            result["clean_pred"] = defended(x).argmax(dim=1).cpu().tolist()
+        logits, gradient = logits_and_plain_gradient(defended, x, y)
+        result["clean_pred"] = logits.argmax(dim=1).cpu().tolist()
+        result["notes"] = {"plain_gradient": gradient}
         return result
     runner = ATTACKS.get(unit.point.name)
     if progress and unit.point.name == "autoattack":

@@ -8,8 +8,10 @@ and sanity checks that the attacks work.
   the static model, the paper's protocol on dent, each adaptive attack), then the worst case; one column
   per defense.
 * **Sanity checks** (the paper's Figure 4 and Table 10): along an epsilon sweep the accuracy must reach
-  about 0 at the largest epsilon (and not rise with epsilon); along an iteration sweep it must stop
-  dropping at the largest iteration counts. A curve that does not is flagged in the report.
+  about 0 at the largest epsilon (and not rise with epsilon); along an iteration sweep, and along a sweep of
+  EOT samples (``attack.eot_iter``, merged runs), it must stop dropping at the largest counts. A curve that
+  does not is flagged in the report, as is a defense whose plain input gradient is zero or not finite at
+  some clean points (:mod:`dent.attacks.masking`: gradient masking, which fails the plain attacks).
 """
 
 from __future__ import annotations
@@ -149,11 +151,11 @@ def security_markdown(summary: Summary) -> Optional[str]:
 
 @dataclass
 class CurveCheck:
-    """One swept curve of accuracy and its verdict."""
+    """One check and its verdict: a swept curve of accuracy, or a defense's plain gradient (no curve)."""
 
     row: str
     attack: str
-    kind: str  # "epsilon" | "iterations"
+    kind: str  # "epsilon" | "iterations" | "EOT samples" | "gradient"
     values: list[tuple[float, float]]  # (x, accuracy)
     ok: bool
     message: str
@@ -206,35 +208,46 @@ def check_eps_curve(curve: Iterable[tuple[float, float]], *, max_final: float = 
 
 
 def check_iteration_curve(curve: Iterable[tuple[float, float]], *, max_drop: float = MAX_FINAL_DROP,
-                          n: int = 0) -> tuple[bool, str]:
-    """Accuracy vs attack iterations must have converged: the drop between the two largest iteration counts
-    is at most ``max_drop`` (or one point of ``n``)."""
+                          n: int = 0, what: str = "iterations") -> tuple[bool, str]:
+    """Accuracy vs attack iterations (or another budget, ``what``: e.g. EOT samples) must have converged: the
+    drop between the two largest counts is at most ``max_drop`` (or one point of ``n``)."""
     values = sorted(curve)
     if len(values) < 2:
-        return True, "fewer than 2 iteration counts: not checked"
+        return True, f"fewer than 2 counts of {what}: not checked"
     (i0, a0), (i1, a1) = values[-2], values[-1]
     tolerance = max(max_drop, 1.0 / n + 1e-9) if n else max_drop
     change = f"{_acc_text(a0, n)} at {i0:g} -> {_acc_text(a1, n)} at {i1:g}"
     if a0 - a1 > tolerance:
         if _intervals_overlap(a0, a1, n):
             return False, (f"not shown converged: {change} (> {100 * tolerance:.1f} points, but within the 95% "
-                           "intervals): more iterations (and images) needed to tell")
-        return False, f"still dropping at the largest iteration count: {change}: more iterations needed"
+                           f"intervals): more {what} (and images) needed to tell")
+        return False, f"still dropping at the largest count of {what}: {change}: more {what} needed"
     return True, f"converged: {change}"
 
 
-def curve_name(point: Mapping[str, Any]) -> str:
-    """An iteration curve's attack and threat, without the iteration count."""
-    return f"{attack_description({**point, 'n_iter': None})}, {threat_of(point)}"
+def curve_name(point: Mapping[str, Any], axis: str = "n_iter") -> str:
+    """A budget curve's attack and threat, without the budget along it (``axis``: the iteration count)."""
+    return f"{attack_description({**point, axis: None})}, {threat_of(point)}"
+
+
+#: The swept curves the sanity checks look at: (kind, the attack point's field along the curve, the check).
+SWEEPS = (
+    ("epsilon", "eps", check_eps_curve),
+    ("iterations", "n_iter", check_iteration_curve),
+    ("EOT samples", "eot_iter", lambda values, n: check_iteration_curve(values, n=n, what="EOT samples")),
+)
 
 
 def sanity_checks(summary: Summary) -> list[CurveCheck]:
-    """Check every epsilon sweep and iteration sweep found in the summary (worst-case accuracy per point)."""
+    """Check every epsilon, iteration and EOT-sample sweep found in the summary (worst-case accuracy per
+    point), and every defense's plain gradient at its clean points."""
     checks = []
     several_sizes = len({r.batch_size for r in summary.rows}) > 1
     for row in summary.rows:
         name = f"{row.model} / {row.defense}" + (f" / bs {row.batch_size}" if several_sizes else "")
-        for kind, axis, check in (("epsilon", "eps", check_eps_curve), ("iterations", "n_iter", check_iteration_curve)):
+        gradient = gradient_check(row, name)
+        checks += [gradient] if gradient is not None else []
+        for kind, axis, check in SWEEPS:
             for curve in sweep_curves(row, axis):
                 entries = [(x, pr.worst, pr.point) for x, pr in curve]
                 if len(entries) < 2 or any(c.n == 0 for _, c, _ in entries):
@@ -243,9 +256,25 @@ def sanity_checks(summary: Summary) -> list[CurveCheck]:
                 n = min(c.n for _, c, _ in entries)
                 ok, message = check(values, n=n)
                 p = entries[0][2]
-                what = attack_description(p) if kind == "epsilon" else curve_name(p)
+                what = attack_description(p) if kind == "epsilon" else curve_name(p, axis)
                 checks.append(CurveCheck(row=name, attack=what, kind=kind, values=values, ok=ok, message=message))
     return checks
+
+
+def gradient_check(row: Row, name: str) -> Optional[CurveCheck]:
+    """Flags a defense whose plain input gradient was zero or not finite at some of its clean points."""
+    counts = row.plain_gradient
+    if not counts.get("n"):
+        return None
+    n, zero, nonfinite = counts["n"], counts.get("zero", 0), counts.get("nonfinite", 0)
+    ok = zero == 0 and nonfinite == 0
+    if ok:
+        message = f"non-zero and finite at all {n} clean points"
+    else:
+        message = (f"zero at {zero} and not finite at {nonfinite} of {n} clean points: gradient masking; attacks "
+                   "on the plain gradient fail there: trust BPDA (attack.name declared_apgd) or adaptive attacks")
+    return CurveCheck(row=name, attack="plain input gradient of the cross-entropy", kind="gradient", values=[],
+                      ok=ok, message=message)
 
 
 def sanity_markdown(summary: Summary) -> Optional[str]:
@@ -254,12 +283,12 @@ def sanity_markdown(summary: Summary) -> Optional[str]:
         return None
     flagged = [c for c in checks if not c.ok]
     if not flagged:
-        return f"All {len(checks)} swept curve(s) pass (details in results.json, key security.sanity_checks)."
+        return f"All {len(checks)} check(s) pass (details in results.json, key security.sanity_checks)."
     out = ["| defense | attack | sweep | accuracy (%) | problem |", "|---|---|---|---|---|"]
     for c in flagged:
-        curve = ", ".join(f"{_x(c.kind, x)}: {100 * a:.1f}" for x, a in c.values)
+        curve = ", ".join(f"{_x(c.kind, x)}: {100 * a:.1f}" for x, a in c.values) or "-"
         out.append(f"| {c.row} | {c.attack} | {c.kind} | {curve} | {c.message} |")
-    head = (f"**{len(flagged)} of {len(checks)} swept curve(s) flagged**: the attack may not be working there "
+    head = (f"**{len(flagged)} of {len(checks)} check(s) flagged**: the attack may not be working there "
             "(the others pass; all in results.json, key security.sanity_checks).")
     return head + "\n\n" + "\n".join(out)
 

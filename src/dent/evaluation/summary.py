@@ -142,10 +142,21 @@ class Row:
     natural: Optional[Cell] = None
     clean_times: list[float] = field(default_factory=list)  # seconds per image of each clean unit (one call)
     attacks: dict[str, PointResult] = field(default_factory=dict)  # point label -> result
+    # Clean points whose plain input gradient was zero / not finite, of those checked (dent.attacks.masking;
+    # stores written before the check have none).
+    plain_gradient: dict[str, int] = field(default_factory=dict)
 
     @property
     def steps(self) -> int:
-        return int(self.defense_config.get("steps", 0))
+        """Adaptation steps per call: dent's, those of the dent stages of a pipeline, 0 for other kinds."""
+        return adaptation_steps(self.defense_config)
+
+
+def adaptation_steps(defense_config: Mapping[str, Any]) -> int:
+    stages = defense_config.get("stages") if defense_config.get("kind") == "pipeline" else None
+    if stages is not None:
+        return sum(adaptation_steps(stage) for stage in stages)
+    return int(defense_config.get("steps", 0)) if defense_config.get("kind", "dent") == "dent" else 0
 
 
 @dataclass
@@ -365,6 +376,8 @@ def summarize(records: Iterable[UnitRecord], configs: Iterable[dict[str, Any]] =
             if row.natural is None:
                 row.natural = Cell(expected=expected)
             row.natural.add(sum(p == y for p, y in zip(rec.result["clean_pred"], labels)), len(labels), repeat)
+            for count, value in rec.result.get("notes", {}).get("plain_gradient", {}).items():
+                row.plain_gradient[count] = row.plain_gradient.get(count, 0) + value
             if labels:
                 row.clean_times.append(rec.seconds / len(labels))
             continue
