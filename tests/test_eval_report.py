@@ -271,3 +271,13 @@ def test_the_defense_description_names_a_reduced_precision():
     assert _defense_text({**plain, "autocast": "bfloat16"}).endswith("bfloat16 steps")
     assert _defense_text({**plain, "autocast": "bfloat16", "autocast_prediction": True}).endswith(
         "bfloat16 steps and prediction")
+
+
+def test_a_by_name_identity_and_none_are_one_row(tmp_path):
+    """Newer stores record the model and data by name, older ones nothing: merged, one column per defense."""
+    by_name = {"model": {"arch": "tiny", "threat_model": "Linf"}, "data": {"dataset": "cifar10", "n_images": 4}}
+    old = write_store(tmp_path / "old", [record("dent", None, None, clean=[0, 1, 2, 3])])
+    new = write_store(tmp_path / "new", [record("dent", point("autoattack"), {"ensemble": [True] * 4})], by_name)
+    summary = load_summary([old, new])
+    (row,) = summary.rows
+    assert row.natural.n == 4 and len(row.attacks) == 1

@@ -208,6 +208,10 @@ def _digest(identity: Optional[Mapping[str, Any]], what: str) -> Optional[str]:
     return part.get("digest") if isinstance(part, Mapping) else None
 
 
+def _measured(identity: Optional[Mapping[str, Any]]) -> bool:
+    return any(_digest(identity, what) for what in ("model", "data"))
+
+
 def model_name(context_model: Mapping[str, Any], identity: Optional[Mapping[str, Any]]) -> str:
     """The evaluated model's name: the store's identity where recorded (a custom model passed to ``evaluate``
     is not the config's ``model.arch``), else the config's architecture."""
@@ -345,7 +349,9 @@ def summarize(records: Iterable[UnitRecord], configs: Iterable[dict[str, Any]] =
               sources: Iterable[RunSource] = ()) -> Summary:
     configs = list(configs)
     sources = list(sources)
-    identity_of = {key: source.identity for source in sources if source.identity for key in source.keys}
+    # Only an identity with a digest (a model or data passed in) says more than the unit's own config does; a
+    # by-name identity (newer stores) and none (older ones) are the same evaluation, one row.
+    identity_of = {key: source.identity for source in sources if _measured(source.identity) for key in source.keys}
     defense_order: list[str] = []
     for cfg in configs:
         for name in cfg.get("defenses", {}):
