@@ -321,11 +321,11 @@ def attack_description(point: dict[str, Any]) -> str:
             out += f" [{point['mode']}]"
     else:
         out = point["name"].upper()
-        if point.get("n_restarts"):
+        if point["name"] == "pgd" and point.get("n_restarts"):
             out += f", {point['n_restarts']} restarts"
     budget = []
     for key, name in (("n_iter", "iter"), ("n_target_classes", "targets"), ("n_queries", "queries"),
-                      ("n_restarts", "restarts")):
+                      ("n_restarts", "restarts"), ("eot_iter", "EOT")):
         if point.get(key) is not None and not (key == "n_restarts" and point["name"] == "pgd"):
             budget.append(f"{point[key]} {name}")
     if budget:
