@@ -66,7 +66,17 @@ def test_committed_store_keeps_its_hash_and_unit_keys(store_path):
     cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.replace(shard="1/1")})
     identity = measured_identity(cfg)
     assert flat_hash(tree) == stored_hash == flat_hash(result_tree(cfg))
-    assert {unit.key for unit in plan(cfg, identity, cfg.data.n_images)} == done
+    planned = {unit.key for unit in plan(cfg, identity, cfg.data.n_images)}
+    unfinished = PARTIAL_RUNS.get(str(store_path.parent.relative_to(REPO)))
+    if unfinished is None:
+        assert planned == done
+    else:  # committed while running: what is stored is planned, the rest is still to run
+        assert done < planned and len(planned - done) == unfinished
+
+
+#: Committed runs that were still running when committed -> how many planned units they lack (the README says
+#: which rows are missing); resuming them computes exactly those.
+PARTIAL_RUNS = {"results/security-randomized/sec-randomized-eot": 1}  # SAP's EOT unit (2026-12-01)
 
 
 def test_there_are_committed_stores_and_training_runs():
