@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from dent.cli.main import main
-from dent.errors import DataNotFoundError
 from dent.training.export import ExportError, export_reference_checkpoint
 from dent.training.trainer import carve_holdout, default_builder, train
 from training_support import one_thread, synthetic_split, tiny_config  # noqa: F401
@@ -45,14 +44,11 @@ def test_bad_config_is_a_clear_error(overrides, expected, capsys):
         assert text in err, err
 
 
-def test_cli_trains_resumes_and_refuses_another_config(tmp_path, capsys):
+def test_cli_trains_resumes_and_refuses_another_config(tmp_path, capsys, cifar10_dir):
     common = ["--cfg", "cfgs/train/cpu_fgsm_rs_resnet26_1.yaml", "output.root", str(tmp_path), "output.name", "r",
               "train.n_images", "48", "train.holdout", "16", "train.batch_size", "16", "train.epochs", "2",
-              "train.eval.steps", "1", "train.progress", "false"]
-    try:
-        code = main(["train", *common, "--until-epoch", "1"])
-    except DataNotFoundError:
-        pytest.skip("CIFAR-10 is not available on this machine")
+              "train.eval.steps", "1", "train.progress", "false", "data.dir", str(cifar10_dir)]
+    code = main(["train", *common, "--until-epoch", "1"])
     assert code == 0, capsys.readouterr().err
     assert "running at epoch 1/2" in capsys.readouterr().out
     assert main(["train", *common]) == 2  # a checkpoint exists: --resume is required
