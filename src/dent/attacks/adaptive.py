@@ -119,7 +119,9 @@ def _static_autocast(adaptive: AdaptiveSection) -> torch.dtype | None:
 
 
 def _static_source(dent: Dent, adaptive: AdaptiveSection, rewrap: Rewrap) -> tuple[nn.Module, dict[str, Any]]:
-    info = {"source": "static"} | ({} if adaptive.static_autocast == "none" else {"autocast": adaptive.static_autocast})
+    info = {"source": "static"}
+    if adaptive.static_autocast != "none":
+        info["autocast"] = adaptive.static_autocast
     return rewrap(StaticModel(dent.model, _static_autocast(adaptive))), info
 
 

@@ -14,19 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dent.attacks.wrappers import PlainGradient
+
 
 def logits_and_plain_gradient(defense: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, int]]:
     """The defense's logits for ``x`` (one call) and how many of its points have a zero or non-finite input
-    gradient of the cross-entropy: ``{"n", "zero", "nonfinite"}``."""
+    gradient of the cross-entropy: ``{"n", "zero", "nonfinite"}``. The gradient is the one plain attacks take
+    (:class:`~dent.attacks.wrappers.PlainGradient`: zero where the defense runs outside autograd)."""
     with torch.enable_grad():
         xr = x.detach().clone().requires_grad_(True)
-        logits = defense(xr)
-        if not logits.requires_grad:  # computed outside autograd
-            return logits.detach(), {"n": len(x), "zero": len(x), "nonfinite": 0}
-        loss = F.cross_entropy(logits.float(), y, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, xr, allow_unused=True)
-    if grad is None:
-        return logits.detach(), {"n": len(x), "zero": len(x), "nonfinite": 0}
+        logits = PlainGradient(defense)(xr)
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits.float(), y, reduction="sum"), xr)
     flat = grad.flatten(1)
     nonfinite = ~torch.isfinite(flat).all(dim=1)
     zero = ~nonfinite & (flat == 0).all(dim=1)
