@@ -140,6 +140,46 @@ def test_mixed_batches_attack_a_non_differentiable_defense_through_bpda():
     assert not outcome.robust["mixed 2 adv"].any()
 
 
+def test_a_randomized_defense_clean_accuracy_is_drawn_several_times(tmp_path):
+    """A randomized defense's clean unit records evaluation.clean_draws predictions (the first is its
+    clean_pred); a deterministic one (bit depth) records none. The security table adds their mean and spread."""
+    from dent.evaluation.rundir import find_store
+    from dent.evaluation.security import security_tables
+    from dent.evaluation.store import ResultStore
+    from dent.evaluation.summary import format_cell
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)).eval()
+    data = fake_data(16, model=net)
+    cfg = {"device": "cpu", "data": {"n_images": 16, "batch_size": 8},
+           "evaluation": {"progress": False, "report": False, "clean_draws": 5},
+           "defenses": {"squeeze": {"kind": "bit_depth"}, "noisy": {"kind": "eval_support:NoisyDefense", "params": {"std": 0.3}}},
+           "attack": {"name": "declared_apgd", "threats": ["Linf:1/255"], "n_iter": [1], "n_target_classes": 1,
+                      "eot_iter": 1}}
+    run = evaluate(cfg, model=net, data=data, run_dir=tmp_path / "run")
+    with ResultStore(find_store(run.run_dir), create=False) as store:
+        clean = {(r.defense, r.batch_index): r.result for r in store.records() if r.kind == "clean"}
+    for (defense, _), result in clean.items():
+        draws = result["notes"].get("clean_draws")
+        if defense == "squeeze":
+            assert draws is None
+        else:
+            assert len(draws) == 5 and draws[0] == result["clean_pred"]
+    assert len({tuple(p) for b in (0, 1) for p in clean[("noisy", b)]["notes"]["clean_draws"]}) > 2
+    summary = load_summary([run.run_dir])
+    (table,) = security_tables(summary)
+    measure, cells = table.lines[1]
+    assert measure.startswith("clean, mean (min-max) over draws") and cells[0] is None
+    draws = cells[1]
+    accuracies = [c / n for c, n in draws.by_repeat.values()]
+    assert len(accuracies) == 5 and all(n == 16 for _, n in draws.by_repeat.values())
+    low, high = min(accuracies), max(accuracies)
+    assert format_cell(draws) == f"{100 * sum(accuracies) / 5:.1f} ({100 * low:.1f}-{100 * high:.1f})"
+    assert table.lines[0][1][1].n == 16  # the clean line stays the first draw, with its interval
+
+
+
+
 def test_a_randomized_defense_is_measured_over_draws_by_repeats(tmp_path, capsys):
     """One repeat warns that it is one draw; repeats draw again (repeat r seeds with seed + r)."""
     from dent.evaluation.store import ResultStore

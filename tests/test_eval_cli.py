@@ -90,6 +90,7 @@ def test_evaluate_prints_the_table_and_writes_the_report(capsys, small):
     (["attack.threats", "L2:100"], "L2 epsilon 100 is out of range"),
     (["data.n_images", "1000"], "cannot draw n=1000 images from a split of 40"),
     (["evaluation.shard", "3/2"], "'evaluation.shard'"),
+    (["evaluation.clean_draws", "0"], "'evaluation.clean_draws': Input should be greater than or equal to 1 (got 0)"),
 ])
 def test_bad_input_is_a_clear_error(capsys, small, extra, message):
     code, out, err = run_cli(capsys, "evaluate", *small_args(small, "bad"), *extra)

@@ -34,6 +34,9 @@ class EvaluationSection(Section):
     # Defense batch sizes to evaluate (Table 9); [] = data.batch_size. The batch is what dent adapts on.
     batch_sizes: list[PositiveInt] = Field(default_factory=list)
     clean: bool = True  # also measure natural (clean) accuracy of every defense
+    # A randomized defense's clean prediction is drawn this many times per clean unit (the first draw is the
+    # unit's accuracy, the one attacks start from); the report gives the mean and spread over the draws.
+    clean_draws: Annotated[PositiveInt, OMITTED_AT_DEFAULT] = 8
     # This process's share of the test batches, "i/n" (1-based): batches b with b % n == i - 1. Shards
     # of one config can run in separate processes or machines; `dent report DIR...` merges them.
     shard: Annotated[str, NON_RESULT] = "1/1"

@@ -387,6 +387,7 @@ def to_json(summary: Summary) -> dict[str, Any]:
             "model": row.model, "context": row.context, "defense": row.defense, "defense_config": row.defense_config,
             "batch_size": row.batch_size,
             "natural": None if row.natural is None else {**cell_fields(row.natural), "expected": row.natural.expected},
+            "natural_draws": None if row.natural_draws is None else cell_fields(row.natural_draws),
             "adversarial": [
                 {"attack": label, "point": pr.point, **cell_fields(pr.worst), "expected": pr.worst.expected,
                  "per_attack": {name: cell_fields(c) for name, c in pr.per_label.items()},

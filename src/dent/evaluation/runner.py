@@ -192,8 +192,9 @@ def expected_queries(point) -> Optional[int]:
 
 
 def run_unit(unit: Unit, defended: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
-             device: torch.device, seed: int, progress: bool = False) -> dict[str, Any]:
-    """Compute one unit's per-point results (JSON-ready)."""
+             device: torch.device, seed: int, progress: bool = False, clean_draws: int = 1) -> dict[str, Any]:
+    """Compute one unit's per-point results (JSON-ready); a randomized defense's clean prediction is drawn
+    ``clean_draws`` times (``notes.clean_draws``, the first being ``clean_pred``)."""
     index = torch.tensor(unit.positions, dtype=torch.long)
     x = images[index].to(device)
     y = labels[index].to(device)
@@ -203,6 +204,9 @@ def run_unit(unit: Unit, defended: nn.Module, images: torch.Tensor, labels: torc
         logits, gradient = logits_and_plain_gradient(defended, x, y)
         result["clean_pred"] = logits.argmax(dim=1).cpu().tolist()
         result["notes"] = {"plain_gradient": gradient}
+        if clean_draws > 1 and traits_of(defended).randomized:
+            result["notes"]["clean_draws"] = [result["clean_pred"]] + [
+                _predict(defended, x) for _ in range(clean_draws - 1)]
         return result
     runner = ATTACKS.get(unit.point.name)
     if progress and unit.point.name == "autoattack":
@@ -214,6 +218,11 @@ def run_unit(unit: Unit, defended: nn.Module, images: torch.Tensor, labels: torc
     result["pred"] = {label: pred.cpu().tolist() for label, pred in outcome.pred.items()}
     result["notes"] = outcome.notes
     return result
+
+
+def _predict(defended: nn.Module, x: torch.Tensor) -> list[int]:
+    with torch.no_grad():
+        return defended(x).argmax(dim=1).cpu().tolist()
 
 
 def evaluate(
@@ -281,7 +290,7 @@ def _evaluate(cfg, store: ResultStore, run_dir, chash, device, model, subsets, u
         t0 = time.perf_counter()
         images, labels = subsets[unit.context["data"]["subset_seed"]]
         result = run_unit(unit, defended[unit.defense], images, labels, device=device, seed=unit.seed,
-                          progress=cfg.evaluation.progress)
+                          progress=cfg.evaluation.progress, clean_draws=cfg.evaluation.clean_draws)
         seconds = time.perf_counter() - t0
         record = UnitRecord(
             key=unit.key, config_hash=chash, kind=unit.kind, defense=unit.defense, attack=unit.attack_label,
@@ -311,8 +320,9 @@ def _evaluate(cfg, store: ResultStore, run_dir, chash, device, model, subsets, u
 def _warn_single_draw(name: str, defense: nn.Module, repeats: int) -> None:
     """A randomized defense answers differently per draw: one repeat measures one draw of its accuracy."""
     if repeats == 1 and traits_of(defense).randomized:
-        msg = (f"defense {name!r} is randomized: its accuracies are of one draw; evaluation.repeats R > 1 "
-               "measures R draws (repeat r seeds its draws with seed + r)")
+        msg = (f"defense {name!r} is randomized: its attacked accuracies are of one draw (its clean accuracy "
+               "also over evaluation.clean_draws draws); evaluation.repeats R > 1 measures R draws of everything "
+               "(repeat r seeds its draws with seed + r)")
         log.warning(msg)
         print(msg)
 

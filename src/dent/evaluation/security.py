@@ -122,6 +122,9 @@ def security_tables(summary: Summary) -> list[SecurityTable]:
                 continue
             labels.sort(key=lambda label: _attack_rank(summary.points[label]))
             lines: list[tuple[str, list[Optional[Cell]]]] = [("clean", [r.natural for r in rows])]
+            if any(r.natural_draws for r in rows):
+                lines.append(("clean, mean (min-max) over draws of a randomized defense",
+                              [r.natural_draws for r in rows]))
             for label in labels:
                 lines.append((_attack_name(summary.points[label]),
                               [r.attacks[label].worst if label in r.attacks else None for r in rows]))

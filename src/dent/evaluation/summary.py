@@ -18,7 +18,7 @@ import json
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Hashable, Iterable, Mapping, Optional
 
 from dent.attacks.config import format_eps
 from dent.evaluation.store import UnitRecord
@@ -61,7 +61,10 @@ class Cell:
     correct: int = 0
     n: int = 0
     expected: int = 0
-    by_repeat: dict[int, list[int]] = field(default_factory=dict)  # repeat -> [correct, n]
+    by_repeat: dict[Hashable, list[int]] = field(default_factory=dict)  # repeat -> [correct, n]
+    # Draws of a randomized defense's prediction on the same points (by_repeat: one entry per repeat and draw):
+    # they are not independent images, so the cell shows their mean and spread, not a pooled interval.
+    draws: bool = False
 
     @property
     def accuracy(self) -> float:
@@ -84,7 +87,7 @@ class Cell:
             return None
         return RepeatSpread(statistics.fmean(accuracies), min(accuracies), max(accuracies), len(accuracies))
 
-    def add(self, correct: int, n: int, repeat: int = 0) -> None:
+    def add(self, correct: int, n: int, repeat: Hashable = 0) -> None:
         self.correct += correct
         self.n += n
         counts = self.by_repeat.setdefault(repeat, [0, 0])
@@ -97,6 +100,9 @@ def format_cell(cell: Optional[Cell]) -> str:
     and ``*`` marks a cell computed on fewer than N images."""
     if cell is None or cell.n == 0:
         return "-"
+    spread = cell.spread
+    if cell.draws and spread is not None:
+        return f"{100 * spread.mean:.1f} ({100 * spread.min:.1f}-{100 * spread.max:.1f})" + ("" if cell.complete else "*")
     low, high = cell.interval
     text = f"{100 * cell.accuracy:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
     spread = cell.spread
@@ -114,6 +120,7 @@ def cell_fields(cell: Cell) -> dict[str, Any]:
         "accuracy": None if cell.n == 0 else round(cell.accuracy, 6),
         "ci_low": None if cell.n == 0 else round(low, 6), "ci_high": None if cell.n == 0 else round(high, 6),
         "repeats": max(len(cell.by_repeat), 1),
+        "draws": cell.draws,
         "repeat_mean": None if spread is None else round(spread.mean, 6),
         "repeat_min": None if spread is None else round(spread.min, 6),
         "repeat_max": None if spread is None else round(spread.max, 6),
@@ -140,6 +147,7 @@ class Row:
     batch_size: int
     identity: Optional[dict[str, Any]] = None  # what was evaluated, from the store's metadata (newer stores)
     natural: Optional[Cell] = None
+    natural_draws: Optional[Cell] = None  # a randomized defense's clean accuracy over several draws
     clean_times: list[float] = field(default_factory=list)  # seconds per image of each clean unit (one call)
     attacks: dict[str, PointResult] = field(default_factory=dict)  # point label -> result
     # Clean points whose plain input gradient was zero / not finite, of those checked (dent.attacks.masking;
@@ -150,6 +158,16 @@ class Row:
     def steps(self) -> int:
         """Adaptation steps per call: dent's, those of the dent stages of a pipeline, 0 for other kinds."""
         return adaptation_steps(self.defense_config)
+
+
+def _add_clean_draws(row: Row, result: Mapping[str, Any], expected: int, repeat: int) -> None:
+    draws = result.get("notes", {}).get("clean_draws")
+    if not draws:
+        return
+    if row.natural_draws is None:
+        row.natural_draws = Cell(expected=expected, draws=True)
+    for d, pred in enumerate(draws):
+        row.natural_draws.add(sum(p == y for p, y in zip(pred, result["labels"])), len(pred), (repeat, d))
 
 
 def adaptation_steps(defense_config: Mapping[str, Any]) -> int:
@@ -382,6 +400,7 @@ def summarize(records: Iterable[UnitRecord], configs: Iterable[dict[str, Any]] =
             if row.natural is None:
                 row.natural = Cell(expected=expected)
             row.natural.add(sum(p == y for p, y in zip(rec.result["clean_pred"], labels)), len(labels), repeat)
+            _add_clean_draws(row, rec.result, expected, repeat)
             for count, value in rec.result.get("notes", {}).get("plain_gradient", {}).items():
                 row.plain_gradient[count] = row.plain_gradient.get(count, 0) + value
             if labels:
