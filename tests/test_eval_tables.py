@@ -12,7 +12,8 @@ from eval_support import write_fake_cifar10, write_small_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.name for p in (REPO / "cfgs").glob("table*.yaml")) + ["figure4.yaml", "main.yaml",
-                                                                       "security_transforms.yaml", "security_randomized.yaml"]
+                                                                       "security_transforms.yaml", "security_randomized.yaml",
+                                                                       "security_composed.yaml", "security_eot_sweep.yaml"]
 
 #: What each config's report must show beyond the main table.
 EXPECTED = {
@@ -25,6 +26,8 @@ EXPECTED = {
     "figure4.yaml": ["## Accuracy vs epsilon", "accuracy_vs_eps.png"],
     "security_transforms.yaml": ["gradient masking", "jpeg", "median"],  # JPEG's plain gradient is flagged
     "security_randomized.yaml": ["gradient masking", "resize_pad", "sap"],  # TVM's solver masks it
+    "security_composed.yaml": ["jpeg_dent", "resize_pad_dent", "clean, mean (min-max) over draws"],
+    "security_eot_sweep.yaml": ["DECLARED_APGD", "clean, mean (min-max) over draws"],
 }
 
 
