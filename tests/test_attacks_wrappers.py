@@ -140,6 +140,23 @@ def test_mixed_batches_attack_a_non_differentiable_defense_through_bpda():
     assert not outcome.robust["mixed 2 adv"].any()
 
 
+@pytest.mark.parametrize("attack, warned", [
+    ({"name": "autoattack", "version": "custom", "attacks": ["apgd-ce"]}, True),
+    ({"name": "autoattack", "version": "custom", "attacks": ["apgd-ce"], "eot_iter": 2}, False),
+    ({"name": "declared_apgd"}, False),
+])
+def test_autoattack_without_eot_on_a_randomized_defense_is_named(tmp_path, capsys, attack, warned):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)).eval()
+    data = fake_data(8, model=net)
+    cfg = {"device": "cpu", "data": {"n_images": 8, "batch_size": 8},
+           "evaluation": {"progress": False, "report": False, "clean": False},
+           "defenses": {"noisy": {"kind": "eval_support:NoisyDefense", "params": {"std": 0.1}}},
+           "attack": {"threats": ["Linf:1/255"], "n_iter": [1], "n_target_classes": 1, "n_restarts": 1, **attack}}
+    evaluate(cfg, model=net, data=data, run_dir=tmp_path / "run")
+    assert ("takes single-draw gradients" in capsys.readouterr().out) is warned
+
+
 def test_a_randomized_defense_clean_accuracy_is_drawn_several_times(tmp_path):
     """A randomized defense's clean unit records evaluation.clean_draws predictions (the first is its
     clean_pred); a deterministic one (bit depth) records none. The security table adds their mean and spread."""

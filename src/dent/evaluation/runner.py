@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dent.attacks.config import AAVersion, AttackPoint
 from dent.attacks.masking import logits_and_plain_gradient
 from dent.attacks.registry import ATTACKS
 from dent.confbase import Section, as_section
@@ -287,6 +288,7 @@ def _evaluate(cfg, store: ResultStore, run_dir, chash, device, model, subsets, u
         if unit.defense not in defended:
             defended[unit.defense] = factory(model, unit.defense_config).to(device)
             _warn_single_draw(unit.defense, defended[unit.defense], cfg.evaluation.repeats)
+            _warn_single_draw_gradients(unit.defense, defended[unit.defense], cfg.attack.points())
         t0 = time.perf_counter()
         images, labels = subsets[unit.context["data"]["subset_seed"]]
         result = run_unit(unit, defended[unit.defense], images, labels, device=device, seed=unit.seed,
@@ -323,6 +325,18 @@ def _warn_single_draw(name: str, defense: nn.Module, repeats: int) -> None:
         msg = (f"defense {name!r} is randomized: its attacked accuracies are of one draw (its clean accuracy "
                "also over evaluation.clean_draws draws); evaluation.repeats R > 1 measures R draws of everything "
                "(repeat r seeds its draws with seed + r)")
+        log.warning(msg)
+        print(msg)
+
+
+def _warn_single_draw_gradients(name: str, defense: nn.Module, points: list[AttackPoint]) -> None:
+    """AutoAttack without EOT (any version but ``rand``, no ``attack.eot_iter``) takes each gradient of one
+    draw of a randomized defense: an attack that is not adaptive to the randomness."""
+    single = [p for p in points if p.name == "autoattack" and p.version != AAVersion.RAND and not p.eot_iter]
+    if single and traits_of(defense).randomized:
+        msg = (f"defense {name!r} is randomized: {single[0].label} takes single-draw gradients; "
+               "an adaptive attack averages over draws (attack.name declared_apgd, attack.version rand or "
+               "attack.eot_iter)")
         log.warning(msg)
         print(msg)
 
