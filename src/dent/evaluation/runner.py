@@ -307,12 +307,13 @@ def _evaluate(cfg, store: ResultStore, run_dir, chash, device, model, subsets, u
 
     if dynamic_warnings:
         msg = (f"AutoAttack warned in {dynamic_warnings} unit(s) that the model seems to be a dynamic defense "
-               "(expected for dent); see the log")
+               "(expected for an adaptive or randomized one, as dent or SAP); see the log")
         log.warning(msg)
         print(msg)
     if rebatching:
         log.info("AutoAttack re-batched still-robust points between attacks in %d unit(s): "
-                 "dent adapted on the smaller batches (details per unit above)", sum(rebatching.values()))
+                 "an adaptive defense adapted on the smaller batches (details per unit above)",
+                 sum(rebatching.values()))
     seconds = time.perf_counter() - start
     log.info("evaluate: done in %.1f s (%d units run, %d skipped)", seconds, len(pending), n_skipped)
     return EvaluationRun(run_dir=run_dir, store_path=run_dir / STORE_NAME, config_hash=chash, n_units=len(units),

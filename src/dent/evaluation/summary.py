@@ -102,10 +102,10 @@ def format_cell(cell: Optional[Cell]) -> str:
         return "-"
     spread = cell.spread
     if cell.draws and spread is not None:
-        return f"{100 * spread.mean:.1f} ({100 * spread.min:.1f}-{100 * spread.max:.1f})" + ("" if cell.complete else "*")
-    low, high = cell.interval
-    text = f"{100 * cell.accuracy:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
-    spread = cell.spread
+        text = f"{100 * spread.mean:.1f}"  # draws of the same images: their mean and spread, no interval
+    else:
+        low, high = cell.interval
+        text = f"{100 * cell.accuracy:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
     if spread is not None:
         text += f" ({100 * spread.min:.1f}-{100 * spread.max:.1f})"
     return text if cell.complete else f"{text}*"
