@@ -112,7 +112,8 @@ def test_headline_shows_the_worst_case_beside_the_paper_protocol():
     first = panels[0]
     assert first.columns == ["static", "dent"]
     measures = [m for m, _ in first.bars]
-    assert measures[0] == "natural" and "[paper protocol]" in measures[1] and measures[2].startswith("worst case over all 2")
+    assert measures[0] == "natural" and "[standard: queries the defense; dent's paper protocol]" in measures[1]
+    assert measures[2].startswith("worst case over all 2")
     protocol, worst = first.bars[1][1], first.bars[2][1]
     assert protocol[1].correct == 3 and worst[1].correct == 1  # dent: 75% under the protocol, 25% worst case
     assert worst[0].correct == 1  # static: only AutoAttack ran on it

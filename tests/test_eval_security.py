@@ -90,7 +90,7 @@ def test_worst_case_over_attacks_in_summary_and_security_table():
     assert t.columns == ["static", "dent"]
     measures = [m for m, _ in t.lines]
     assert measures[0] == "clean" and measures[-1].startswith("worst case")
-    assert "[paper protocol]" in measures[1] and measures[2].startswith("transfer")
+    assert "[standard: queries the defense; dent's paper protocol]" in measures[1] and measures[2].startswith("transfer")
     assert "through the adaptation" in measures[3]
     clean, worst = t.lines[0][1], t.lines[-1][1]
     assert (clean[0].correct, clean[1].correct) == (3, 4)

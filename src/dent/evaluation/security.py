@@ -93,7 +93,7 @@ def _attack_rank(point: Mapping[str, Any]) -> int:
 def _attack_name(point: Mapping[str, Any]) -> str:
     text = attack_description(point)
     if point["name"] == "autoattack":
-        text += " [paper protocol]"
+        text += " [standard: queries the defense; dent's paper protocol]"
     return text
 
 
