@@ -76,7 +76,7 @@ def test_committed_store_keeps_its_hash_and_unit_keys(store_path):
 
 #: Committed runs that were still running when committed -> how many planned units they lack (the README says
 #: which rows are missing); resuming them computes exactly those.
-PARTIAL_RUNS = {"results/security-randomized/sec-randomized-eot": 1}  # SAP's EOT unit (2026-12-01)
+PARTIAL_RUNS: dict[str, int] = {}  # none at present
 
 
 def test_there_are_committed_stores_and_training_runs():
