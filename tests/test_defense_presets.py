@@ -164,7 +164,9 @@ def committed_runs() -> list[Path]:
 MEASUREMENT_CONFIGS = {"/work/measure/sec_official.yaml": CFGS / "security_dent_plus_official.yaml",
                        # security.yaml's first three defenses (static, dent, dent_plus): the runs of 2026-11-25,
                        # re-measured 2026-12-01 (the run-hash check below leaves the defenses added since out)
-                       "/work/remeasure/security_three.yaml": CFGS / "security.yaml"}
+                       "/work/remeasure/security_three.yaml": CFGS / "security.yaml",
+                       # security_composed.yaml's two gradient-masking pipelines (jpeg_dent, bit_depth_dent)
+                       "/work/remeasure/composed_masking.yaml": CFGS / "security_composed.yaml"}
 
 
 def recomputed_config(run: Path) -> EvaluateConfig:
