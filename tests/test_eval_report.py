@@ -282,3 +282,16 @@ def test_a_by_name_identity_and_none_are_one_row(tmp_path):
     summary = load_summary([old, new])
     (row,) = summary.rows
     assert row.natural.n == 4 and len(row.attacks) == 1
+
+
+def test_merged_runs_that_share_a_label_but_not_the_attack_get_rows_of_their_own():
+    """Labels do not show every attack setting (eot_iter): a merged run with another setting is named by it."""
+    from dent.evaluation.summary import _distinct_label
+
+    points = {"DECLARED_APGD Linf 8/255 iter=10": {"name": "declared_apgd", "eot_iter": 2, "n_iter": 10}}
+    same = {"name": "declared_apgd", "eot_iter": 2, "n_iter": 10}
+    other = {"name": "declared_apgd", "eot_iter": 32, "n_iter": 10}
+    label = "DECLARED_APGD Linf 8/255 iter=10"
+    assert _distinct_label(label, same, points) == label
+    assert _distinct_label(label, other, points) == label + " eot_iter=32"
+    assert _distinct_label("PGD Linf 8/255 iter=10", other, points) == "PGD Linf 8/255 iter=10"

@@ -363,6 +363,16 @@ def row_context(spec: Mapping[str, Any]) -> dict[str, Any]:
     return {"model": spec["model"], "data": {**spec["data"], "subset_seed": base["subset_seed"]}, "seed": base["seed"]}
 
 
+def _distinct_label(label: str, attack: Mapping[str, Any], points: Mapping[str, Mapping[str, Any]]) -> str:
+    """The stored label, or, where merged runs used it for another setting of the attack (e.g. ``eot_iter``, which
+    labels do not show), the label followed by the settings that differ from the first one's."""
+    first = points.get(label)
+    if first is None:
+        return label
+    differ = [k for k in attack if k in first and attack[k] != first[k]]
+    return label if not differ else label + " " + " ".join(f"{k}={attack[k]}" for k in differ)
+
+
 def summarize(records: Iterable[UnitRecord], configs: Iterable[dict[str, Any]] = (), duplicates: int = 0,
               sources: Iterable[RunSource] = ()) -> Summary:
     configs = list(configs)
@@ -406,7 +416,7 @@ def summarize(records: Iterable[UnitRecord], configs: Iterable[dict[str, Any]] =
             if labels:
                 row.clean_times.append(rec.seconds / len(labels))
             continue
-        label = rec.attack
+        label = _distinct_label(rec.attack, spec["attack"], points)
         if label not in points:
             point_labels.append(label)
             points[label] = spec["attack"]
