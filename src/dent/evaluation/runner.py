@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dent.attacks.config import AAVersion, AttackPoint
+from dent.attacks.config import AAVersion
 from dent.attacks.masking import logits_and_plain_gradient
 from dent.attacks.registry import ATTACKS
 from dent.confbase import Section, as_section
@@ -25,6 +25,7 @@ from dent.data.split import images_and_labels
 from dent.defenses.kinds import build_defense, resolved_defense
 from dent.defenses.protocol import traits_of
 from dent.errors import ConfigError
+from dent.evaluation.accuracy import predict
 from dent.evaluation.config import EvaluateConfig
 from dent.evaluation.rundir import LOG_NAME, open_run, run_hash
 from dent.evaluation.runlog import run_logging
@@ -207,7 +208,7 @@ def run_unit(unit: Unit, defended: nn.Module, images: torch.Tensor, labels: torc
         result["notes"] = {"plain_gradient": gradient}
         if clean_draws > 1 and traits_of(defended).randomized:
             result["notes"]["clean_draws"] = [result["clean_pred"]] + [
-                _predict(defended, x) for _ in range(clean_draws - 1)]
+                predict(defended, x, len(x), x.device, progress=False).tolist() for _ in range(clean_draws - 1)]
         return result
     runner = ATTACKS.get(unit.point.name)
     if progress and unit.point.name == "autoattack":
@@ -219,11 +220,6 @@ def run_unit(unit: Unit, defended: nn.Module, images: torch.Tensor, labels: torc
     result["pred"] = {label: pred.cpu().tolist() for label, pred in outcome.pred.items()}
     result["notes"] = outcome.notes
     return result
-
-
-def _predict(defended: nn.Module, x: torch.Tensor) -> list[int]:
-    with torch.no_grad():
-        return defended(x).argmax(dim=1).cpu().tolist()
 
 
 def evaluate(
@@ -287,8 +283,7 @@ def _evaluate(cfg, store: ResultStore, run_dir, chash, device, model, subsets, u
         bar.set_postfix_str(unit.describe(), refresh=True)
         if unit.defense not in defended:
             defended[unit.defense] = factory(model, unit.defense_config).to(device)
-            _warn_single_draw(unit.defense, defended[unit.defense], cfg.evaluation.repeats)
-            _warn_single_draw_gradients(unit.defense, defended[unit.defense], cfg.attack.points())
+            _warn_randomized(unit.defense, defended[unit.defense], cfg)
         t0 = time.perf_counter()
         images, labels = subsets[unit.context["data"]["subset_seed"]]
         result = run_unit(unit, defended[unit.defense], images, labels, device=device, seed=unit.seed,
@@ -320,24 +315,23 @@ def _evaluate(cfg, store: ResultStore, run_dir, chash, device, model, subsets, u
                          n_skipped=n_skipped, n_run=len(pending), seconds=seconds, dynamic_warnings=dynamic_warnings)
 
 
-def _warn_single_draw(name: str, defense: nn.Module, repeats: int) -> None:
-    """A randomized defense answers differently per draw: one repeat measures one draw of its accuracy."""
-    if repeats == 1 and traits_of(defense).randomized:
-        msg = (f"defense {name!r} is randomized: its attacked accuracies are of one draw (its clean accuracy "
-               "also over evaluation.clean_draws draws); evaluation.repeats R > 1 measures R draws of everything "
-               "(repeat r seeds its draws with seed + r)")
-        log.warning(msg)
-        print(msg)
-
-
-def _warn_single_draw_gradients(name: str, defense: nn.Module, points: list[AttackPoint]) -> None:
-    """AutoAttack without EOT (any version but ``rand``, no ``attack.eot_iter``) takes each gradient of one
-    draw of a randomized defense: an attack that is not adaptive to the randomness."""
-    single = [p for p in points if p.name == "autoattack" and p.version != AAVersion.RAND and not p.eot_iter]
-    if single and traits_of(defense).randomized:
-        msg = (f"defense {name!r} is randomized: {single[0].label} takes single-draw gradients; "
-               "an adaptive attack averages over draws (attack.name declared_apgd, attack.version rand or "
-               "attack.eot_iter)")
+def _warn_randomized(name: str, defense: nn.Module, cfg: EvaluateConfig) -> None:
+    """A randomized defense answers differently per draw: one repeat measures one draw of its attacked accuracy,
+    and AutoAttack without EOT (any version but ``rand``, no ``attack.eot_iter``) takes single-draw gradients."""
+    if not traits_of(defense).randomized:
+        return
+    messages = []
+    if cfg.evaluation.repeats == 1:
+        messages.append(f"defense {name!r} is randomized: its attacked accuracies are of one draw (its clean "
+                        "accuracy also over evaluation.clean_draws draws); evaluation.repeats R > 1 measures R "
+                        "draws of everything (repeat r seeds its draws with seed + r)")
+    single = [p for p in cfg.attack.points()
+              if p.name == "autoattack" and p.version != AAVersion.RAND and not p.eot_iter]
+    if single:
+        messages.append(f"defense {name!r} is randomized: {single[0].label} takes single-draw gradients; an "
+                        "adaptive attack averages over draws (attack.name declared_apgd, attack.version rand or "
+                        "attack.eot_iter)")
+    for msg in messages:
         log.warning(msg)
         print(msg)
 
