@@ -259,6 +259,26 @@ def test_every_adaptive_attack_runs_on_transforms_before_dent(name):
     assert outcome.robust and all(flags.shape == (8,) for flags in outcome.robust.values())
 
 
+@pytest.mark.parametrize("name", ["through_adaptation", "surrogate_transfer", "mixed"])
+def test_adaptive_attacks_average_over_the_draws_of_a_random_transform_before_dent(name):
+    from dent.attacks.adaptive import adaptive_attack
+    from dent.attacks.wrappers import DEFAULT_EOT_SAMPLES
+    from dent.defenses import Dent
+
+    net = tiny_net()
+    data = fake_data(4, model=net)
+    extra = {"attacks": ("apgd-ce",), "mixed": [0.5]} if name == "mixed" else {"attacks": ("apgd-ce",)}
+    random_first = Preprocessed(RandomResizePad(0.8), Dent(net, {"steps": 1, "lr": 0.01}))
+    draws = {}
+    for label, defense in [("random", random_first), ("deterministic", bit_depth_dent())]:
+        outcome = adaptive_attack(defense, data.images, data.labels, name, eps=EPS, n_iter=1, n_restarts=1, **extra)
+        draws[label] = outcome.notes["budget"]["eot_iter"]
+    assert draws == {"random": DEFAULT_EOT_SAMPLES, "deterministic": 1}
+    outcome = adaptive_attack(random_first, data.images, data.labels, name, eps=EPS, n_iter=1, n_restarts=1,
+                              eot_iter=3, **extra)
+    assert outcome.notes["budget"]["eot_iter"] == 3  # attack.eot_iter overrides the declaration
+
+
 def test_dent_attacks_refuse_a_defense_without_dent_and_point_to_declared_apgd():
     from dent.attacks.adaptive import adaptive_attack
 

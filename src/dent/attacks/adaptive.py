@@ -35,7 +35,7 @@ from dent.errors import InvalidInputError
 #: Puts a variant of the defense's Dent behind the defense's input transforms (identity for a bare Dent).
 Rewrap = Callable[[nn.Module], nn.Module]
 
-#: bpda_eot's EOT samples when ``attack.eot_iter`` is not set (and ``adaptive.eot_noise`` > 0; else 1).
+#: bpda_eot's EOT samples when ``attack.eot_iter`` is not set and ``adaptive.eot_noise`` > 0 (else the defense's own).
 DEFAULT_EOT_ITER = 4
 
 
@@ -58,9 +58,12 @@ def _adaptive(point: Any) -> AdaptiveSection:
     return point.adaptive if point.adaptive is not None else AdaptiveSection()
 
 
-def _budget(point: Any, name: str) -> dict[str, int]:
+def _budget(point: Any, name: str, defense: nn.Module) -> dict[str, int]:
+    """APGD's budget; its EOT draws per gradient are ``attack.eot_iter``, else bpda_eot's noisy copies, else
+    what ``defense`` declares (:func:`~dent.attacks.wrappers.eot_draws`: several if it is randomized, e.g. a
+    random transform before dent)."""
     noisy = name == "bpda_eot" and _adaptive(point).eot_noise > 0
-    eot = point.eot_iter or (DEFAULT_EOT_ITER if noisy else 1)
+    eot = point.eot_iter or (DEFAULT_EOT_ITER if noisy else eot_draws(defense, None))
     return {
         "n_iter": point.n_iter or DEFAULT_N_ITER,
         "n_restarts": point.n_restarts or DEFAULT_N_RESTARTS.get(name, 1),
@@ -240,7 +243,7 @@ def run_mixed(model: nn.Module, x: Tensor, y: Tensor, point: Any, *, device, see
     every query and the final mixed batch (each input's best adversarial) classify it correctly.
     """
     adaptive = _adaptive(point)
-    budget = {**_budget(point, "mixed"), "eot_iter": eot_draws(model, point.eot_iter)}
+    budget = _budget(point, "mixed", model)
     subs = adaptive.sub_attacks("mixed")
     size = adaptive.mixed_batch_size or len(x)
     chunks = [list(range(s, min(s + size, len(x)))) for s in range(0, len(x), size)]
@@ -293,7 +296,7 @@ def run_mixed(model: nn.Module, x: Tensor, y: Tensor, point: Any, *, device, see
 def _apgd_runs(attacked: nn.Module, defense: nn.Module, x: Tensor, y: Tensor, point: Any, name: str,
                subs: tuple[str, ...], seed: int, prefix: str = "") -> tuple[dict, dict, dict]:
     """Each APGD variant on the whole batch against ``attacked``; results checked on ``defense``."""
-    budget = _budget(point, name)
+    budget = _budget(point, name, defense)
     robust, pred, timing = {}, {}, {}
     for sub in subs:
         t0 = time.perf_counter()
@@ -357,7 +360,7 @@ def run_surrogate_transfer(model: nn.Module, x: Tensor, y: Tensor, point: Any, *
     ``SOURCE:ATTACK``); ``notes.surrogate_robust`` is the result on the surrogate itself."""
     dent, rewrap = _dent_of(model, "surrogate_transfer")
     adaptive = _adaptive(point)
-    budget = _budget(point, "surrogate_transfer")
+    budget = _budget(point, "surrogate_transfer", model)
     robust, pred, surrogate_robust, sources, timing = {}, {}, {}, {}, {}
     for source in adaptive.source_list("surrogate_transfer"):
         surrogate, info = _source(dent, source, adaptive, rewrap, x)
