@@ -34,6 +34,15 @@ class AttackMode(str, Enum):
     BOTH = "both"  # both of the above
 
 
+class PGDLoss(str, Enum):
+    """The objective PGD ascends (``attack.loss``)."""
+
+    CE = "ce"  # cross-entropy (Madry et al.)
+    # The logit margin max_{j != y} Z_j - Z_y (Carlini & Wagner 2017): unlike cross-entropy, its gradient does
+    # not vanish where the softmax saturates (defensive distillation's temperature-scaled logits).
+    MARGIN = "margin"
+
+
 #: Attack names whose points run AutoAttack (``version`` / ``attacks``); ``transfer`` runs it on a source model.
 AUTOATTACK_BASED = ("autoattack", "transfer")
 
@@ -46,6 +55,28 @@ VERSION_ATTACKS = {
     AAVersion.PLUS: ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"),
     AAVersion.RAND: ("apgd-ce", "apgd-dlr"),
 }
+
+PositiveInt = Annotated[int, Field(ge=1)]
+
+#: The attacks that read ``attack.loss``.
+LOSS_ATTACKS = ("pgd",)
+
+#: The attacks that read ``attack.cw``, and the norm they attack in.
+CW_ATTACKS = ("cw_l2",)
+CW_NORM = ThreatModel.L2
+
+
+class CWSection(Section):
+    """``attack.cw``: the knobs of Carlini & Wagner's L2 attack (``attack.name cw_l2``; defaults theirs).
+
+    Its Adam steps per binary-search step are ``attack.n_iter``.
+    """
+
+    search_steps: PositiveInt = 9  # binary-search steps over the constant c, per point
+    initial_const: Annotated[float, Field(gt=0)] = 1e-3  # c of the first search step
+    confidence: Annotated[float, Field(ge=0)] = 0.0  # kappa: the logit margin an adversarial must reach
+    lr: Annotated[float, Field(gt=0)] = 1e-2  # Adam's learning rate on w (the tanh variable)
+
 
 class Threat(Section):
     """A norm ball: the norm and its radius epsilon, in the [0, 1] pixel scale."""
@@ -75,9 +106,6 @@ def _threat_list(value: Any) -> Any:
     return [parse_threat(v) for v in _as_list(value)]
 
 
-PositiveInt = Annotated[int, Field(ge=1)]
-
-
 class AttackPoint(Section):
     """One resolved attack setting: what a unit of work runs. Built by :meth:`AttackSection.points`."""
 
@@ -97,6 +125,10 @@ class AttackPoint(Section):
     # Adaptive attacks only (dent.attacks.adaptive); omitted at its default, so points of other attacks keep
     # the unit keys they had before adaptive attacks existed.
     adaptive: Annotated[Optional[AdaptiveSection], OMITTED_AT_DEFAULT] = None
+    # Added later, omitted at their defaults for the same reason: PGD's objective, and cw_l2's knobs (its
+    # points always carry them; other attacks' points None).
+    loss: Annotated[PGDLoss, OMITTED_AT_DEFAULT] = PGDLoss.CE
+    cw: Annotated[Optional[CWSection], OMITTED_AT_DEFAULT] = None
 
     @property
     def threat_label(self) -> str:
@@ -104,7 +136,7 @@ class AttackPoint(Section):
 
     @property
     def label(self) -> str:
-        """A short human label, e.g. ``autoattack-custom(apgd-ce,apgd-t) Linf 1.5/255 iter=10``."""
+        """A short human label, e.g. ``AA-custom(apgd-ce,apgd-t) Linf 1.5/255 iter=10``, ``PGD-margin L2 0.5``."""
         if self.name == "autoattack":
             what = f"AA-{self.version.value}" if self.version else "AA"
             if self.version == AAVersion.CUSTOM:
@@ -118,6 +150,8 @@ class AttackPoint(Section):
             what = self.name.upper()
             if self.n_restarts and self.n_restarts > 1:
                 what += f"x{self.n_restarts}"
+            if self.loss is not PGDLoss.CE:
+                what += f"-{self.loss.value}"
         out = f"{what} {self.threat_label}"
         if self.n_iter is not None:
             out += f" iter={self.n_iter}"
@@ -133,7 +167,8 @@ class AttackSection(Section):
     """
 
     # a name in dent.attacks.ATTACKS: autoattack | pgd | an adaptive attack (below) | declared_apgd (any defense,
-    # BPDA / EOT as its declared traits call for: dent.attacks.wrappers)
+    # BPDA / EOT as its declared traits call for: dent.attacks.wrappers) | cw_l2 (Carlini & Wagner's minimal-L2
+    # attack, L2 threats only: dent.attacks.cw)
     name: str = "autoattack"
     version: AAVersion = AAVersion.STANDARD  # AutoAttack version; custom runs `attacks`
     attacks: list[str] = Field(default_factory=list)  # custom AutoAttack list, e.g. [apgd-ce, apgd-t]
@@ -153,6 +188,10 @@ class AttackSection(Section):
     # Adaptive attacks (transfer | mixed | through_adaptation | bpda_eot | surrogate_transfer): their knobs
     # (dent.attacks.adaptive_config.AdaptiveSection); null = its defaults.
     adaptive: Annotated[Optional[AdaptiveSection], OMITTED_AT_DEFAULT] = None  # (keeps earlier run hashes)
+    # PGD's objective: ce (cross-entropy) | margin (the C&W logit margin, for saturated softmaxes).
+    loss: Annotated[PGDLoss, OMITTED_AT_DEFAULT] = PGDLoss.CE
+    # cw_l2's binary search and Adam (CWSection); null = its defaults. attack.n_iter: Adam steps per search step.
+    cw: Annotated[Optional[CWSection], OMITTED_AT_DEFAULT] = None
 
     @field_validator("name")
     @classmethod
@@ -197,6 +236,20 @@ class AttackSection(Section):
                 )
         elif self.attacks:
             raise ValueError(f"attack.attacks lists AutoAttack attacks, but attack.name is {self.name}")
+        if self.loss is not PGDLoss.CE and self.name not in LOSS_ATTACKS:
+            hint = (" (AutoAttack's margin losses: attack.version custom, attack.attacks [apgd-dlr] or [apgd-t])"
+                    if self.name in AUTOATTACK_BASED else "")
+            raise ValueError(f"attack.loss {self.loss.value} is read only by attack.name {' | '.join(LOSS_ATTACKS)}; "
+                             f"attack.name {self.name} ignores it{hint}")
+        if self.cw is not None and self.name not in CW_ATTACKS:
+            raise ValueError(f"attack.cw is read only by attack.name {' | '.join(CW_ATTACKS)}; "
+                             f"attack.name {self.name} ignores it")
+        if self.name in CW_ATTACKS:
+            other = [t.label for t in self.threats if t.norm is not CW_NORM]
+            if other:
+                raise ValueError(
+                    f"attack.name {self.name} is an {CW_NORM.value} attack, but attack.threats has {', '.join(other)}; "
+                    f"give {CW_NORM.value} threats, e.g. attack.threats {CW_NORM.value}:0.5")
         return self
 
     def attack_list(self) -> tuple[str, ...]:
@@ -229,6 +282,8 @@ class AttackSection(Section):
                         random_start=self.random_start if self.name == "pgd" else True,
                         adaptive=(self.adaptive or AdaptiveSection()).for_attack(self.name)
                         if self.name in ADAPTIVE_ATTACKS else None,
+                        loss=self.loss,
+                        cw=(self.cw or CWSection()) if self.name in CW_ATTACKS else None,
                     )
                 )
         return out

@@ -1,4 +1,5 @@
-"""Projected gradient descent (Madry et al., 2018) in Linf and L2, with random starts and restarts.
+"""Projected gradient descent (Madry et al., 2018) in Linf and L2, with random starts and restarts, on the
+cross-entropy or on Carlini & Wagner's logit margin (``attack.loss``).
 
 The attack queries ``model`` once per step on the whole batch; ``model`` may be a dynamic defense that
 adapts inside its forward call (the paper's protocol): the gradient is taken through the defended
@@ -19,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dent.attacks import ball
+from dent.attacks.config import PGDLoss
 from dent.attacks.wrappers import PlainGradient
 from dent.errors import InvalidInputError
 from dent.threat import ThreatModel
@@ -33,6 +35,21 @@ class PGDResult:
     x_adv: torch.Tensor  # the breaking example of broken points, the last iterate of robust ones
     robust: torch.Tensor  # bool [B]: classified correctly by every query
     pred: torch.Tensor  # int64 [B]: the prediction at the breaking query, or the last prediction
+
+
+def logit_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per point, ``max_{j != y} Z_j - Z_y`` on the logits ``Z`` [B, K]: positive where another class outscores
+    the label. Its gradient is the logits' own, so it does not vanish where the softmax saturates."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    return others.max(dim=1).values - true
+
+
+def objective(logits: torch.Tensor, y: torch.Tensor, loss: PGDLoss) -> torch.Tensor:
+    """What PGD ascends, summed over the batch."""
+    if loss is PGDLoss.MARGIN:
+        return logit_margin(logits, y).sum()
+    return F.cross_entropy(logits, y, reduction="sum")
 
 
 def default_step_size(eps: float, n_iter: int) -> float:
@@ -51,11 +68,13 @@ def pgd(
     step_size: float | None = None,
     n_restarts: int = 1,
     random_start: bool = True,
+    loss: PGDLoss | str = PGDLoss.CE,
     seed: int = 0,
     progress: bool = False,
 ) -> PGDResult:
-    """Untargeted cross-entropy PGD against ``model`` on the batch ``x`` (in [0, 1]) with labels ``y``."""
+    """Untargeted PGD ascending ``loss`` against ``model`` on the batch ``x`` (in [0, 1]) with labels ``y``."""
     norm = ThreatModel(norm)
+    loss = PGDLoss(loss)
     if x.dim() != 4 or x.shape[0] != y.shape[0]:
         raise InvalidInputError(f"pgd expects images [B, C, H, W] and labels [B], got {list(x.shape)} and {list(y.shape)}")
     if n_iter < 1 or n_restarts < 1:
@@ -87,8 +106,7 @@ def pgd(
             with torch.enable_grad():
                 x_query = x_iter.requires_grad_(True)
                 logits = model(x_query)
-                loss = F.cross_entropy(logits, y, reduction="sum")
-                (grad,) = torch.autograd.grad(loss, [x_query])
+                (grad,) = torch.autograd.grad(objective(logits, y, loss), [x_query])
             record(x_query, logits)
             with torch.no_grad():
                 x_iter = ball.project(x, x_iter.detach() + ball.ascent_step(grad, norm, alpha), norm, eps)
@@ -107,7 +125,8 @@ def run_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, point, *, device
     n_iter = point.n_iter if point.n_iter is not None else DEFAULT_N_ITER
     result = pgd(
         PlainGradient(model), x, y, norm=point.norm, eps=point.eps, n_iter=n_iter, step_size=point.step_size,
-        n_restarts=point.n_restarts or 1, random_start=point.random_start, seed=seed, progress=progress,
+        n_restarts=point.n_restarts or 1, random_start=point.random_start, loss=point.loss, seed=seed,
+        progress=progress,
     )
     return AttackOutcome(robust={"pgd": result.robust.cpu()}, pred={"pgd": result.pred.cpu()},
                          notes={"n_iter": n_iter, "step_size": point.step_size or default_step_size(point.eps, n_iter)})

@@ -57,5 +57,9 @@ def _register_builtin() -> None:
 
     ATTACKS.register("declared_apgd", run_declared_apgd)
 
+    from dent.attacks.cw import run_cw_l2  # Carlini & Wagner's minimal-L2 attack
+
+    ATTACKS.register("cw_l2", run_cw_l2)
+
 
 _register_builtin()

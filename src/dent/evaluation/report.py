@@ -174,7 +174,7 @@ def per_attack_table(summary: Summary) -> Optional[str]:
             for name in pr.per_label:
                 if name not in label_names:
                     label_names.append(name)
-    if label_names == ["ensemble"] or label_names == ["pgd"] or not label_names:
+    if label_names in (["ensemble"], ["pgd"], ["cw_l2"]) or not label_names:
         return None
     ordered = [n for n in label_names if n != "ensemble"] + (["ensemble"] if "ensemble" in label_names else [])
     header = ["Accuracy (%)", "attack point"] + ordered + [WORST]

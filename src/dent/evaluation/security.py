@@ -33,7 +33,8 @@ MAX_FINAL_DROP = 0.01
 MAX_RISE = 0.01
 
 #: Order of attack names in tables: the paper's protocol first, then the adaptive attacks.
-ATTACK_ORDER = ("autoattack", "pgd", "transfer", "mixed", "through_adaptation", "bpda_eot", "surrogate_transfer")
+ATTACK_ORDER = ("autoattack", "pgd", "cw_l2", "transfer", "mixed", "through_adaptation", "bpda_eot",
+                "surrogate_transfer")
 
 
 # -- worst case -------------------------------------------------------------------------------------

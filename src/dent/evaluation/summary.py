@@ -341,6 +341,13 @@ def attack_description(point: dict[str, Any]) -> str:
         out = point["name"].upper()
         if point["name"] == "pgd" and point.get("n_restarts"):
             out += f", {point['n_restarts']} restarts"
+        if point.get("loss", "ce") != "ce":
+            out += f", {point['loss']} loss"
+        if point.get("cw") is not None:
+            cw = point["cw"]
+            out += f", {cw['search_steps']} search steps from c {cw['initial_const']:g}, Adam lr {cw['lr']:g}"
+            if cw["confidence"]:
+                out += f", kappa {cw['confidence']:g}"
     budget = []
     for key, name in (("n_iter", "iter"), ("n_target_classes", "targets"), ("n_queries", "queries"),
                       ("n_restarts", "restarts"), ("eot_iter", "EOT")):
