@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from dent.confbase import NON_RESULT, Section, config_hash
+from dent.confbase import NON_RESULT, OMITTED_AT_DEFAULT, Section, config_hash
 from dent.identity import result_tree
 from dent.sections import ArchSection, CommandConfig, DataSourceSection, DeviceName
 from dent.threat import CIFAR_INPUT_DIM, PixelFloat, ThreatModel, check_eps
@@ -101,12 +101,63 @@ class DynatSection(Section):
     guide_lr: Optional[Annotated[float, Field(gt=0)]] = None  # default: train.lr (same schedule)
 
 
+class DistillationSection(Section):
+    """Defensive distillation (Papernot et al. 2016): a teacher trained at softmax temperature T (recipe
+    ``temperature``), a student trained at T on the teacher's soft labels (recipe ``distillation``); both are
+    deployed at temperature 1, where their softmax saturates."""
+
+    temperature: Annotated[float, Field(gt=0, le=1000)] = 20.0
+    # the student's teacher: a named model (`dent models`) or a `dent train` run directory / its checkpoint.pt
+    teacher: Optional[str] = None
+
+
+class PenaltyKind(str, Enum):
+    """What the ``gradient_penalty`` recipe penalizes, besides the cross-entropy."""
+
+    INPUT_GRADIENT = "input_gradient"  # ||grad_x CE(f(x), y)||^2 (Ross & Doshi-Velez 2018)
+    JACOBIAN = "jacobian"  # ||d logits / dx||_F^2, by random projections (the contractive penalty of Gu & Rigazio's DCN)
+
+
+class GradientPenaltySection(Section):
+    """Gradient regularization: loss = CE(f(x), y) + weight * penalty, averaged over the batch."""
+
+    kind: PenaltyKind = PenaltyKind.INPUT_GRADIENT
+    weight: Annotated[float, Field(gt=0, le=1e6)] = 1.0
+    projections: Annotated[int, Field(ge=1, le=100)] = 1  # jacobian: random unit projections per image
+
+
+class AwpSection(Section):
+    """Adversarial weight perturbation (Wu et al. 2020): each step, the weights of every convolution and linear
+    layer are moved by ``gamma`` times their norm along the gradient of the recipe's loss, the model is updated
+    with the gradient taken there, and the perturbation is removed."""
+
+    gamma: Annotated[float, Field(ge=0, le=1)] = 0.0  # the radius relative to each layer's weight norm; 0: off
+    warmup: Annotated[int, Field(ge=0)] = 0  # epochs trained without AWP first
+
+    def active(self, epoch: int) -> bool:
+        return self.gamma > 0 and epoch > self.warmup
+
+
 class EarlyStopSection(Section):
     """Stop on catastrophic overfitting (Wong et al. 2020): held-out PGD accuracy collapses between epochs."""
 
     enabled: bool = False
     drop: Annotated[float, Field(gt=0, le=1)] = 0.2  # stop when PGD accuracy falls by more than this since last epoch
     n_images: PositiveInt = 256  # the held-out batch checked (the first images of the held-out split)
+
+
+def _readers(options: list[str]) -> dict[str, tuple[str, ...]]:
+    """The recipes that read each of ``options`` (the recipes module is imported only when there are some: it
+    imports this one)."""
+    if not options:
+        return {}
+    from dent.training.recipes import option_readers
+
+    return {option: option_readers()[option] for option in options}
+
+
+#: The ``train`` sections that belong to recipes (each read by the recipes that name it in ``Recipe.options``).
+RECIPE_OPTIONS = ("trades", "alp", "dynat", "distillation", "gradient_penalty", "awp")
 
 
 class TrainSection(Section):
@@ -130,6 +181,10 @@ class TrainSection(Section):
     trades: TradesSection = TradesSection()
     alp: AlpSection = AlpSection()
     dynat: DynatSection = DynatSection()
+    # Added after runs were stored: omitted from the training hash at their defaults (earlier runs keep theirs).
+    distillation: Annotated[DistillationSection, OMITTED_AT_DEFAULT] = DistillationSection()
+    gradient_penalty: Annotated[GradientPenaltySection, OMITTED_AT_DEFAULT] = GradientPenaltySection()
+    awp: Annotated[AwpSection, OMITTED_AT_DEFAULT] = AwpSection()
     early_stop: EarlyStopSection = EarlyStopSection()
     resume: Annotated[bool, NON_RESULT] = False  # continue from the run directory's checkpoint (same as --resume)
     progress: Annotated[bool, NON_RESULT] = True  # tqdm progress bars
@@ -142,6 +197,23 @@ class TrainSection(Section):
         if value not in RECIPES:
             raise ValueError(RECIPES.unknown_message(value))
         return RECIPES.canonical(value)
+
+    @model_validator(mode="after")
+    def _options_of_the_recipe(self) -> "TrainSection":
+        """A recipe's option section (``trades``, ``awp``, ...) set away from its defaults for a recipe that
+        does not read it is a mistake, not a no-op."""
+        fields = type(self).model_fields
+        changed = [name for name in RECIPE_OPTIONS if getattr(self, name) != fields[name].default]
+        for option, recipes in _readers(changed).items():
+            if self.recipe not in recipes:
+                raise ValueError(
+                    f"train.{option} applies to the recipe{'s' if len(recipes) > 1 else ''} {', '.join(recipes)}, "
+                    f"not to train.recipe {self.recipe!r}; drop train.{option} or choose one of those recipes"
+                )
+        if self.recipe == "distillation" and not self.distillation.teacher:
+            raise ValueError("train.recipe distillation needs train.distillation.teacher: a named model (`dent "
+                             "models`) or a `dent train` run directory of the teacher (recipe temperature)")
+        return self
 
     @model_validator(mode="after")
     def _eval_eps_in_range(self) -> "TrainSection":

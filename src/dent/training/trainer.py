@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from contextlib import nullcontext
 import math
 import os
 import random
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from dent.confbase import as_section
 from dent.data.split import Split
 from dent.errors import ConfigError, CorruptFileError, DentError
-from dent.identity import refuse_mixing, result_tree
+from dent.identity import model_identity, refuse_mixing, result_tree
 from dent.outputs import RUN_DIR_HINT, output_dir, writing
 from dent.provenance import machine_description, write_run_metadata
 from dent.runtime import resolve_device
@@ -38,7 +39,8 @@ from dent.training.augment import random_crop_flip
 from dent.threat import format_eps
 from dent.training.config import BnMode, Schedule, TrainConfig, TrainSection
 from dent.training.curves import plot_curves, write_history
-from dent.training.recipes import RECIPES, ModelBuilder, Recipe, StepContext
+from dent.training.awp import frozen_bn_statistics, perturbed, weight_perturbation
+from dent.training.recipes import RECIPES, ModelBuilder, Recipe, StepContext, StepOutput
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "train.log"
@@ -289,6 +291,8 @@ class Trainer:
         arch = self.cfg.model.arch
         self.model = self.build(arch).to(self.device)
         self.extras = {k: m.to(self.device) for k, m in self.recipe.extra_modules(self.tcfg, arch, self.build).items()}
+        self.frozen = {k: m.to(self.device) for k, m in self.recipe.frozen_modules(self.tcfg, self.build).items()}
+        self.frozen_identity = {k: model_identity(m) for k, m in self.frozen.items()}
         groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.tcfg.lr}]
         for name, module in self.extras.items():
             groups.append({"params": [p for p in module.parameters() if p.requires_grad],
@@ -318,6 +322,7 @@ class Trainer:
             "config_hash": self.hash,
             "model": self.model.state_dict(),
             "extras": {k: m.state_dict() for k, m in self.extras.items()},
+            "frozen": self.frozen_identity,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
@@ -334,6 +339,12 @@ class Trainer:
                 problem=f"cannot resume from {str(source)!r}: it was written by another training config "
                         f"(hash {str(ckpt.get('config_hash'))[:8]}, expected {self.hash[:8]}).",
                 advice="Resume with the same config, or start a new run (another output.name).",
+            )
+        if ckpt.get("frozen", {}) != self.frozen_identity:
+            raise ResumeError(
+                f"cannot resume from {str(source)!r}: its fixed modules (e.g. the distillation teacher) had other "
+                f"weights: stored {ckpt.get('frozen', {})}, now {self.frozen_identity}. Resume with the same "
+                "teacher, or start a new run (another output.name)."
             )
         self.model.load_state_dict(ckpt["model"])
         for name, module in self.extras.items():
@@ -427,7 +438,7 @@ class Trainer:
         t0 = time.perf_counter()
         tcfg = self.tcfg
         generator = epoch_generator(self.cfg.seed, epoch)
-        ctx = StepContext(self.model, tcfg, generator, self.extras)
+        ctx = StepContext(self.model, tcfg, generator, self.extras, self.frozen)
         self._train_mode(True)
         images, labels = self.data.train.images, self.data.train.labels
         order = torch.randperm(len(labels), generator=generator)
@@ -442,16 +453,7 @@ class Trainer:
             if tcfg.augment:
                 x = random_crop_flip(x, generator)
             x, y = x.to(self.device), y.to(self.device)
-            out = self.recipe.loss(ctx, x, y)
-            if not torch.isfinite(out.loss):
-                raise TrainingError(
-                    f"the {self.recipe.name} loss became {out.loss.item()} at epoch {epoch}, batch {i + 1}; "
-                    f"expected a finite loss: lower train.lr (now {tcfg.lr:g})"
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            self.optimizer.step()
-            self.scheduler.step()
+            out = self._update(ctx, x, y, epoch, i)
             n = len(y)
             seen += n
             sums["train_loss"] += out.loss.item() * n
@@ -481,6 +483,27 @@ class Trainer:
         self._write_log_files()
         log.info("epoch %d/%d: %s", epoch, tcfg.epochs, _summary(entry))
         return entry
+
+    def _update(self, ctx: StepContext, x: torch.Tensor, y: torch.Tensor, epoch: int, i: int) -> StepOutput:
+        """One optimizer step on the recipe's loss; with AWP, the loss and its gradient at perturbed weights."""
+        ctx.examples.clear()
+        awp = self.tcfg.awp
+        perturbation = []
+        if awp.active(epoch):
+            perturbation = weight_perturbation(self.model, self.recipe.loss(ctx, x, y).loss, awp.gamma)
+        second_pass = frozen_bn_statistics(self.model) if perturbation else nullcontext()
+        with perturbed(perturbation), second_pass:
+            out = self.recipe.loss(ctx, x, y)
+            if not torch.isfinite(out.loss):
+                raise TrainingError(
+                    f"the {self.recipe.name} loss became {out.loss.item()} at epoch {epoch}, batch {i + 1}; "
+                    f"expected a finite loss: lower train.lr (now {self.tcfg.lr:g})"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            self.optimizer.step()
+        self.scheduler.step()
+        return out
 
     def _train_mode(self, training: bool) -> None:
         self.model.train(training)
@@ -533,6 +556,7 @@ class Trainer:
             "n_holdout": len(self.data.holdout),
             "robust_label": f"PGD-{t.eval.steps} {t.eval_norm.value} {format_eps(t.eval_eps, t.eval_norm)}",
             "wall_time_s": round(self.state.wall_time_s, 3),
+            **({"frozen": self.frozen_identity} if self.frozen_identity else {}),  # e.g. the teacher's digest
             "epochs": self.state.history,
         }
 
