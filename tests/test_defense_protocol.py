@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from dent.defenses import Dent, DentConfig
+from dent.defenses.detection import rejects
 from dent.defenses.kinds import DEFENSE_KINDS, build_defense, kind_name, parse_defense
 from dent.defenses.protocol import Identity, Preprocessed, StraightThrough, Traits, bpda_surrogate, traits_of
 from dent.defenses.transforms import JPEG, BitDepth
@@ -26,11 +27,19 @@ EXPECTED_TRAITS = {
     "tvm": Traits(differentiable=False, randomized=True, adaptive=False, cost=1.5),
     "resize_pad": Traits(differentiable=True, randomized=True, adaptive=False, cost=1.05),
     "sap": Traits(differentiable=True, randomized=True, adaptive=False, cost=1.1),
+    # the classifier (1) + the detector: the model on the input and on 2 squeezed copies (3) + the median (0.05)
+    "feature_squeezing": Traits(differentiable=False, randomized=False, adaptive=False, cost=4.05),
 }
+
+#: The keys a kind cannot build without: a pipeline's stages, a detector's calibrated threshold.
+REQUIRED_KEYS = {"pipeline": {"stages": ["jpeg", "dent"]}, "feature_squeezing": {"threshold": 0.5}}
+
+#: The kinds that answer K + 1 logits, the last one "rejected" (dent.defenses.detection).
+REJECTING = {"feature_squeezing"}
 
 
 def default_entry(kind: str):
-    return {"kind": kind, "stages": ["jpeg", "dent"]} if kind == "pipeline" else {"kind": kind}
+    return {"kind": kind, **REQUIRED_KEYS.get(kind, {})}
 
 
 def batch(n=4):
@@ -45,7 +54,8 @@ def test_every_kind_builds_from_its_default_config_and_answers_a_batch(kind):
     x = batch()
     with torch.no_grad():
         logits = defense(x)
-    assert logits.shape == (4, 10) and torch.isfinite(logits).all()
+    assert rejects(defense) == (kind in REJECTING)
+    assert logits.shape == (4, 10 + (kind in REJECTING)) and torch.isfinite(logits).all()
     traits = traits_of(defense)
     if kind == "pipeline":  # JPEG then dent: not differentiable (JPEG), adaptive (dent), costs add (0.1 + 21)
         assert traits == Traits(differentiable=False, randomized=False, adaptive=True, cost=21.1)

@@ -13,16 +13,18 @@ from __future__ import annotations
 import importlib
 import inspect
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal, Optional
 
 from pydantic import BeforeValidator, Field, SerializeAsAny, field_validator, model_validator
 from torch import nn
 
 from dent.confbase import Section
 from dent.defenses.config import DentConfig
+from dent.defenses.detection import FeatureSqueezing, Rejecting
 from dent.defenses.protocol import Preprocessed
 from dent.defenses.sap import SAP
 from dent.defenses.transforms import JPEG, BitDepth, MedianSmoothing, RandomResizePad, TotalVariationMin
+from dent.errors import ConfigError
 from dent.registry import Registry
 
 Builder = Callable[[nn.Module, Any], nn.Module]
@@ -124,6 +126,17 @@ class SAPConfig(Section):
     fraction: Annotated[float, Field(gt=0)] = 1.0  # draws per activation map, as a fraction of its size
 
 
+class FeatureSqueezingConfig(Section):
+    """Feature squeezing as a detector (Xu et al. 2018): K + 1 logits, the last one "rejected as adversarial"."""
+
+    kind: Literal["feature_squeezing"] = "feature_squeezing"
+    bits: Annotated[int, Field(ge=1, le=8)] = 5  # the bit-depth squeezer (Xu et al.: 5 on CIFAR-10)
+    median_size: Annotated[int, Field(ge=1, le=15)] = 2  # the median squeezer's window side (Xu et al.: 2)
+    fpr: Annotated[float, Field(ge=0, lt=1)] = 0.05  # the clean false-positive rate the threshold is set at
+    # the threshold calibrated at `fpr` (FeatureSqueezing.calibrate); null: not calibrated, so it cannot be built
+    threshold: Optional[Annotated[float, Field(allow_inf_nan=False)]] = None
+
+
 class PipelineConfig(Section):
     """Kinds composed in input order: the first stage sees the input, the last one wraps the model."""
 
@@ -189,6 +202,18 @@ def _build_dent(model: nn.Module, config: DentConfig) -> nn.Module:
     return Dent(model, config)
 
 
+def _build_feature_squeezing(model: nn.Module, config: FeatureSqueezingConfig) -> nn.Module:
+    detector = FeatureSqueezing.standard(model, config.bits, config.median_size)
+    if config.threshold is None:
+        raise ConfigError(
+            f"feature_squeezing: config key 'threshold' is null, the detector is not calibrated; calibrate it on "
+            f"clean images, FeatureSqueezing.standard(model, {config.bits}, {config.median_size}).calibrate(images, "
+            f"fpr={config.fpr}), and set 'threshold' to the value it returns"
+        )
+    detector.threshold.fill_(config.threshold)
+    return Rejecting(model, detector)
+
+
 def _build_pipeline(model: nn.Module, config: PipelineConfig) -> nn.Module:
     for stage in reversed(config.stages):
         model = build_defense(model, stage)
@@ -202,4 +227,5 @@ _transform_kind("median", MedianConfig, lambda c: MedianSmoothing(c.size))
 _transform_kind("tvm", TVMConfig, lambda c: TotalVariationMin(c.keep, c.weight, c.iterations, c.lr))
 _transform_kind("resize_pad", ResizePadConfig, lambda c: RandomResizePad(c.min_scale))
 register_kind("sap", SAPConfig, lambda model, c: SAP(model, c.fraction))
+register_kind("feature_squeezing", FeatureSqueezingConfig, _build_feature_squeezing)
 register_kind("pipeline", PipelineConfig, _build_pipeline)

@@ -58,12 +58,25 @@ def traits_of(module: nn.Module) -> Traits:
     return Traits(**{**values, "cost": float(cost)})
 
 
+def composed_traits(*parts: nn.Module) -> Traits:
+    """The traits of a module that calls each of ``parts`` once per call: differentiable if all are, randomized
+    or adaptive if any is, their costs added."""
+    traits = [traits_of(part) for part in parts]
+    return Traits(differentiable=all(t.differentiable for t in traits), randomized=any(t.randomized for t in traits),
+                  adaptive=any(t.adaptive for t in traits), cost=sum(t.cost for t in traits))
+
+
+def declare(module: nn.Module, traits: Traits) -> None:
+    """Set ``traits`` as ``module``'s declarations (instance attributes)."""
+    for name, value in traits.to_dict().items():
+        setattr(module, name, value)
+
+
 def inherit_traits(wrapper: nn.Module, inner: nn.Module) -> None:
     """Give ``wrapper`` (a module that calls ``inner`` once per call, e.g. on a composed batch) ``inner``'s
     traits. A non-differentiable inner needs the wrapper to define ``bpda_surrogate()`` too (the same
     wrapping around ``bpda_surrogate(inner)``)."""
-    for name, value in traits_of(inner).to_dict().items():
-        setattr(wrapper, name, value)
+    declare(wrapper, traits_of(inner))
 
 
 class StraightThrough(nn.Module):
@@ -121,11 +134,7 @@ class Preprocessed(nn.Module):
         super().__init__()
         self.transform = transform
         self.model = model
-        first, second = traits_of(transform), traits_of(model)
-        self.differentiable = first.differentiable and second.differentiable
-        self.randomized = first.randomized or second.randomized
-        self.adaptive = first.adaptive or second.adaptive
-        self.cost = first.cost + second.cost
+        declare(self, composed_traits(transform, model))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(self.transform(x))

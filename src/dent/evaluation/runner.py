@@ -23,6 +23,7 @@ from dent.attacks.registry import ATTACKS
 from dent.confbase import Section, as_section
 from dent.data.split import images_and_labels
 from dent.defenses.kinds import build_defense, resolved_defense
+from dent.defenses.detection import rejects
 from dent.defenses.protocol import traits_of
 from dent.errors import ConfigError
 from dent.evaluation.accuracy import predict
@@ -284,6 +285,8 @@ def _evaluate(cfg, store: ResultStore, run_dir, chash, device, model, subsets, u
         if unit.defense not in defended:
             defended[unit.defense] = factory(model, unit.defense_config).to(device)
             _warn_randomized(unit.defense, defended[unit.defense], cfg)
+        if unit.kind != CLEAN:
+            _refuse_rejecting(unit.defense, defended[unit.defense])
         t0 = time.perf_counter()
         images, labels = subsets[unit.context["data"]["subset_seed"]]
         result = run_unit(unit, defended[unit.defense], images, labels, device=device, seed=unit.seed,
@@ -313,6 +316,19 @@ def _evaluate(cfg, store: ResultStore, run_dir, chash, device, model, subsets, u
     log.info("evaluate: done in %.1f s (%d units run, %d skipped)", seconds, len(pending), n_skipped)
     return EvaluationRun(run_dir=run_dir, store_path=run_dir / STORE_NAME, config_hash=chash, n_units=len(units),
                          n_skipped=n_skipped, n_run=len(pending), seconds=seconds, dynamic_warnings=dynamic_warnings)
+
+
+def _refuse_rejecting(name: str, defense: nn.Module) -> None:
+    """The attacks count a point as broken when the answer is not its label, and may "succeed" by making a
+    detector fire: for a defense that rejects, that is neither the robust accuracy with reject nor the attack
+    that breaks detectors. Until both exist here, its attacked accuracy is not computed (not guessed)."""
+    if rejects(defense):
+        raise ConfigError(
+            f"defense {name!r} may reject its inputs (a detector, dent.defenses.detection): dent evaluate does not "
+            "attack detectors yet (its attacks would count a rejected input as broken, and could succeed by making "
+            "the detector fire); measure detection from Python with dent.evaluation.detection (docs/defenses.md, "
+            "Detection)"
+        )
 
 
 def _warn_randomized(name: str, defense: nn.Module, cfg: EvaluateConfig) -> None:
