@@ -136,3 +136,4 @@ def save_reference(
 # The project's reference models (trained on this project's CPU machine; see each model card).
 register_reference("resnet26_1_nominal", "resnet26_1")
 register_reference("resnet26_1_pgd", "resnet26_1", threat_model="Linf")
+register_reference("resnet26_1_distilled", "resnet26_1")

@@ -64,7 +64,10 @@ def export_reference_checkpoint(
 
 
 def threat_model(train_cfg: dict[str, Any], recipe: str) -> str | None:
-    return None if recipe == "nominal" else train_cfg["attack"]["norm"]
+    """The threat model an adversarial recipe trained against; None for the others (nominal, distillation, ...)."""
+    from dent.training.recipes import RECIPES
+
+    return train_cfg["attack"]["norm"] if RECIPES.get(recipe).adversarial else None
 
 
 def _final_accuracy(history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -89,7 +92,7 @@ def model_card(name: str, ckpt: dict[str, Any], run_dir: Path, threat: str | Non
     final = _final_accuracy(ckpt["history"])
     eval_norm = t["eval"]["norm"] or t["attack"]["norm"]
     eval_eps = t["eval"]["eps"] if t["eval"]["eps"] is not None else t["attack"]["eps"]
-    attack = "" if recipe == "nominal" else f" against {_eps_text(t['attack']['norm'], t['attack']['eps'])}"
+    attack = "" if threat is None else f" against {_eps_text(t['attack']['norm'], t['attack']['eps'])}"
     stopped = " (stopped early on catastrophic overfitting)" if ckpt["status"] == "early_stopped" else ""
     hours = ckpt["wall_time_s"] / 3600
     invocations = ckpt.get("invocations", [])
@@ -117,6 +120,8 @@ def model_card(name: str, ckpt: dict[str, Any], run_dir: Path, threat: str | Non
         + (", random crop + flip" if t["augment"] else ""),
         f"- wall time: {ckpt['wall_time_s']:.0f} s ({hours:.2f} h)",
         f"- training config hash: `{ckpt['config_hash']}`",
+        *[f"- fixed module `{key}` (e.g. the distillation teacher): {ident['module']}, weights digest `{ident['digest']}`"
+          for key, ident in ckpt.get("frozen", {}).items()],
         "",
         "Command(s):",
         "",
