@@ -166,7 +166,11 @@ MEASUREMENT_CONFIGS = {"/work/measure/sec_official.yaml": CFGS / "security_dent_
                        # re-measured 2026-12-01 (the run-hash check below leaves the defenses added since out)
                        "/work/remeasure/security_three.yaml": CFGS / "security.yaml",
                        # security_composed.yaml's two gradient-masking pipelines (jpeg_dent, bit_depth_dent)
-                       "/work/remeasure/composed_masking.yaml": CFGS / "security_composed.yaml"}
+                       "/work/remeasure/composed_masking.yaml": CFGS / "security_composed.yaml",
+                       # its three deterministic pipelines (through the adaptation)
+                       "/work/remeasure/composed_through.yaml": CFGS / "security_composed.yaml",
+                       # security_composed_pgd.yaml's TVM then dent, added after the other five were measured
+                       "/work/remeasure/composed_pgd_tvm.yaml": CFGS / "security_composed_pgd.yaml"}
 
 
 def recomputed_config(run: Path) -> EvaluateConfig:
