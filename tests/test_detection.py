@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -353,20 +355,93 @@ def test_unknown_hidden_layer_lists_the_models_layers():
         SubnetworkDetector(tiny_net(), "relu", input_shape=(3, 8, 8))
 
 
-def test_evaluate_keeps_the_clean_units_of_a_detector_and_refuses_to_attack_it(tmp_path):
-    """Until the attacks know the reject class, attacked accuracies of a detector are refused, not guessed."""
+def detector_config(attack: dict) -> EvaluateConfig:
+    return EvaluateConfig.model_validate({
+        "device": "cpu", "data": {"n_images": 8, "batch_size": 8}, "evaluation": {"progress": False},
+        "defenses": {"squeezed": {"kind": "feature_squeezing", "threshold": 0.5}},
+        "attack": {"threats": ["Linf:8/255"], "n_iter": [2], **attack},
+    })
+
+
+def test_evaluate_refuses_attacks_that_do_not_know_the_reject_class(tmp_path):
+    """Their attacked accuracies of a detector are refused, not guessed; the clean unit is kept."""
     from dent.evaluation.runner import evaluate
     from dent.evaluation.store import STORE_NAME, ResultStore
     from eval_support import fake_data, tiny_net
 
     net = tiny_net()
     data = fake_data(8, model=net)
-    cfg = EvaluateConfig.model_validate({
-        "device": "cpu", "data": {"n_images": 8, "batch_size": 8}, "evaluation": {"progress": False},
-        "defenses": {"squeezed": {"kind": "feature_squeezing", "threshold": 0.5}},
-        "attack": {"name": "pgd", "threats": ["Linf:8/255"], "n_iter": [2]},
-    })
-    with pytest.raises(ConfigError, match="defense 'squeezed' may reject its inputs"):
+    cfg = detector_config({"name": "declared_apgd", "n_target_classes": 1})
+    with pytest.raises(ConfigError, match="attack.name declared_apgd does not know the reject class.*: pgd, cw_l2"):
         evaluate(cfg, model=net, data=data, run_dir=tmp_path / "run")
     with ResultStore(tmp_path / "run" / STORE_NAME, create=False) as store:
         assert [r.kind for r in store.records()] == ["clean"]  # computed before the refusal, kept
+
+
+def test_evaluate_attacks_a_detector_with_reject_aware_pgd(tmp_path):
+    from dent.evaluation.report import load_summary
+    from dent.evaluation.runner import evaluate
+    from eval_support import fake_data, tiny_net
+
+    net = tiny_net()
+    data = fake_data(8, model=net)
+    run = evaluate(detector_config({"name": "pgd", "loss": "margin"}), model=net, data=data, run_dir=tmp_path / "run")
+    assert run.n_run == 2
+    (row,) = load_summary([run.run_dir]).rows
+    assert row.defense == "squeezed" and all(pr.worst.n == 8 for pr in row.attacks.values())
+
+
+def two_feature_detector():
+    """A linear classifier on the first half of the pixels and a detector that fires when the input moves along
+    another direction, on the other half, by more than half of what eps = 8/255 allows. Clean points sit at
+    margin 4/255 per pixel: not rejected, and broken by moving the classifier's half alone."""
+    from test_attacks_wrappers import Linear2
+
+    g = torch.Generator().manual_seed(0)
+    half = torch.randint(0, 2, (96,), generator=g).float() * 2 - 1
+    w, v = torch.cat([half, torch.zeros(96)]), torch.cat([torch.zeros(96), half])
+
+    class Direction(nn.Module):
+        def forward(self, x):
+            return ((x - 0.5).flatten(1) * v).sum(dim=1) - 0.5 * (8 / 255) * 96
+
+    y = torch.tensor([0, 1, 0, 1])
+    x = (0.5 + (4 / 255) * (1 - 2 * y.float())[:, None] * w[None]).view(4, 3, 8, 8)
+    return Rejecting(Linear2(w), Direction()), x, y
+
+
+def test_the_margin_that_treats_the_reject_class_like_the_label_breaks_what_cross_entropy_only_gets_rejected():
+    """Carlini & Wagner 2017: cross-entropy on the K + 1 logits also raises the reject logit (it lowers p_y), so
+    its adversarial inputs get rejected; the reject-aware margin lowers both and is neither rejected nor right."""
+    from dent.attacks.pgd import pgd
+
+    defense, x, y = two_feature_detector()
+    with torch.no_grad():
+        assert (defense(x).argmax(dim=1) == y).all()  # clean: classified, not rejected
+    ce = pgd(defense, x, y, eps=8 / 255, n_iter=10, loss="ce", rejecting=True)
+    margin = pgd(defense, x, y, eps=8 / 255, n_iter=10, loss="margin", rejecting=True)
+    assert int(ce.robust.sum()) >= 2 and (ce.pred[ce.robust] == 2).all()  # rejected: defended
+    assert not margin.robust.any() and (margin.pred != 2).all() and (margin.pred != y).all()
+    # counted as if the reject class were one more wrong class, the same cross-entropy run would look successful
+    assert not pgd(defense, x, y, eps=8 / 255, n_iter=10, loss="ce", rejecting=False).robust.any()
+
+
+def test_the_reject_aware_margin_by_hand():
+    from dent.attacks.pgd import logit_margin
+
+    logits = torch.tensor([[3.0, 1.0, 0.0, 5.0], [0.0, 2.0, 1.0, -1.0]])  # K = 3 classes + reject
+    y = torch.tensor([0, 1])
+    assert logit_margin(logits, y).tolist() == [2.0, -1.0]  # the reject logit counts as a wrong class
+    assert logit_margin(logits, y, rejecting=True).tolist() == [-4.0, -1.0]  # max(Z_y, Z_K) vs the others
+
+
+def test_cw_l2_on_a_detector_finds_inputs_that_are_misclassified_and_not_rejected():
+    from dent.attacks.cw import cw_l2
+
+    defense, x, y = two_feature_detector()
+    result = cw_l2(defense, x, y, n_iter=100, search_steps=5, initial_const=1.0, rejecting=True)
+    with torch.no_grad():
+        pred = defense(result.x_adv).argmax(dim=1)
+    assert ((pred != y) & (pred != 2)).all()
+    # the smallest such move: the classifier's 96 pixels by 4/255 each, L2 = sqrt(96) * 4/255 (a few % above)
+    assert torch.all(result.l2 < 1.1 * math.sqrt(96) * 4 / 255)

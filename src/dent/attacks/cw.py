@@ -24,8 +24,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dent.attacks.config import CW_NORM, CWSection
-from dent.attacks.pgd import logit_margin
+from dent.attacks.pgd import answered_right, logit_margin
 from dent.attacks.wrappers import attack_view, describe_view
+from dent.defenses.detection import rejects
 from dent.errors import InvalidInputError
 from dent.threat import ThreatModel
 
@@ -56,9 +57,12 @@ def _next_const(const: Tensor, lower: Tensor, upper: Tensor, succeeded: Tensor) 
 
 
 def cw_l2(model: nn.Module, x: Tensor, y: Tensor, *, n_iter: int = DEFAULT_N_ITER, search_steps: int = 9,
-          initial_const: float = 1e-3, confidence: float = 0.0, lr: float = 1e-2,
+          initial_const: float = 1e-3, confidence: float = 0.0, lr: float = 1e-2, rejecting: bool = False,
           progress: bool = False) -> CWResult:
     """Untargeted C&W L2 against ``model`` on the batch ``x`` (in [0, 1]) with labels ``y``.
+
+    ``rejecting``: the model is a detector (K + 1 logits, the last "rejected"); an adversarial must be
+    misclassified and not rejected, and the margin treats the reject class like the label (C&W 2017).
 
     ``n_iter`` Adam steps for each of ``search_steps`` values of ``c``; a search step stops early (as C&W's
     does) when the batch's objective has not fallen by 0.01% over the last tenth of its steps.
@@ -88,14 +92,14 @@ def cw_l2(model: nn.Module, x: Tensor, y: Tensor, *, n_iter: int = DEFAULT_N_ITE
             with torch.enable_grad():
                 x_new = _to_box(w)
                 logits = model(x_new).float()
-                margin = logit_margin(logits, y)
+                margin = logit_margin(logits, y, rejecting)
                 l2_sq = (x_new - x).flatten(1).pow(2).sum(dim=1)
                 objective = (l2_sq + const * torch.clamp(-margin, min=-confidence)).sum()
                 w.grad = torch.autograd.grad(objective, [w])[0]
             optimizer.step()
             bar.update(1)
             with torch.no_grad():
-                adversarial = (logits.argmax(dim=1) != y) & (margin >= confidence)
+                adversarial = ~answered_right(logits, y, rejecting) & (margin >= confidence)
                 l2 = l2_sq.detach().sqrt()
                 better = adversarial & (l2 < best_l2)
                 best_l2 = torch.where(better, l2, best_l2)
@@ -126,15 +130,21 @@ def run_cw_l2(model: nn.Module, x: Tensor, y: Tensor, point: Any, *, device, see
                                 f"got {ThreatModel(point.norm).value}")
     cw = point.cw or CWSection()
     n_iter = point.n_iter or DEFAULT_N_ITER
+    rejecting = rejects(model)
     result = cw_l2(attack_view(model, point.eot_iter), x, y, n_iter=n_iter, search_steps=cw.search_steps,
-                   initial_const=cw.initial_const, confidence=cw.confidence, lr=cw.lr, progress=progress)
+                   initial_const=cw.initial_const, confidence=cw.confidence, lr=cw.lr, rejecting=rejecting,
+                   progress=progress)
     within = result.l2 <= point.eps
     submitted = torch.where(within.view(-1, 1, 1, 1), result.x_adv, x)
     with torch.no_grad():
         pred = model(submitted).argmax(dim=1)
-    robust = ~within & (pred == y)
+    robust = ~within & (pred == y)  # (a detector: the submitted clean input must be classified, not rejected)
     found = [float(v) if math.isfinite(v) else None for v in result.l2.tolist()]
     norms = [v for v in found if v is not None]
     notes = {"view": describe_view(model, point.eot_iter), "budget": {"n_iter": n_iter, **cw.to_dict()},
              "l2": found, "median_l2": statistics.median(norms) if norms else None}
     return AttackOutcome(robust={"cw_l2": robust.cpu()}, pred={"cw_l2": pred.cpu()}, notes=notes)
+
+
+#: The runner counts a detector's rejection as defended (the evaluation runner refuses other attacks on detectors).
+run_cw_l2.reject_aware = True

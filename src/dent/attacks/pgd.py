@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from dent.attacks import ball
 from dent.attacks.config import PGDLoss
 from dent.attacks.wrappers import PlainGradient
+from dent.defenses.detection import rejects
 from dent.errors import InvalidInputError
 from dent.threat import ThreatModel
 
@@ -37,18 +38,33 @@ class PGDResult:
     pred: torch.Tensor  # int64 [B]: the prediction at the breaking query, or the last prediction
 
 
-def logit_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def logit_margin(logits: torch.Tensor, y: torch.Tensor, rejecting: bool = False) -> torch.Tensor:
     """Per point, ``max_{j != y} Z_j - Z_y`` on the logits ``Z`` [B, K]: positive where another class outscores
-    the label. Its gradient is the logits' own, so it does not vanish where the softmax saturates."""
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    the label. Its gradient is the logits' own, so it does not vanish where the softmax saturates.
+
+    ``rejecting``: ``Z`` are a detector's K + 1 logits, the last one "rejected" (dent.defenses.detection); the
+    reject class counts like the label, ``max_{j != y, K} Z_j - max(Z_y, Z_K)`` (Carlini & Wagner 2017: fool the
+    classifier and stay under the detector's threshold)."""
+    n = logits.shape[1]
+    own = F.one_hot(y, n).bool()
+    if rejecting:
+        own[:, n - 1] = True
+    true = logits.masked_fill(~own, float("-inf")).max(dim=1).values
+    others = logits.masked_fill(own, float("-inf"))
     return others.max(dim=1).values - true
 
 
-def objective(logits: torch.Tensor, y: torch.Tensor, loss: PGDLoss) -> torch.Tensor:
+def answered_right(logits: torch.Tensor, y: torch.Tensor, rejecting: bool = False) -> torch.Tensor:
+    """Per point, the query did not break it: the answer is the label, or (``rejecting``) the reject class."""
+    pred = logits.argmax(dim=1)
+    right = pred == y
+    return right | (pred == logits.shape[1] - 1) if rejecting else right
+
+
+def objective(logits: torch.Tensor, y: torch.Tensor, loss: PGDLoss, rejecting: bool = False) -> torch.Tensor:
     """What PGD ascends, summed over the batch."""
     if loss is PGDLoss.MARGIN:
-        return logit_margin(logits, y).sum()
+        return logit_margin(logits, y, rejecting).sum()
     return F.cross_entropy(logits, y, reduction="sum")
 
 
@@ -69,10 +85,15 @@ def pgd(
     n_restarts: int = 1,
     random_start: bool = True,
     loss: PGDLoss | str = PGDLoss.CE,
+    rejecting: bool = False,
     seed: int = 0,
     progress: bool = False,
 ) -> PGDResult:
-    """Untargeted PGD ascending ``loss`` against ``model`` on the batch ``x`` (in [0, 1]) with labels ``y``."""
+    """Untargeted PGD ascending ``loss`` against ``model`` on the batch ``x`` (in [0, 1]) with labels ``y``.
+
+    ``rejecting``: the model is a detector (K + 1 logits, the last "rejected"): a query that rejects a point does
+    not break it, and the margin loss treats the reject class like the label. A point whose clean input is
+    rejected is not robust (a rejected clean input is an error)."""
     norm = ThreatModel(norm)
     loss = PGDLoss(loss)
     if x.dim() != 4 or x.shape[0] != y.shape[0]:
@@ -91,7 +112,7 @@ def pgd(
 
     def record(x_query: torch.Tensor, logits: torch.Tensor) -> None:
         query_pred = logits.detach().argmax(dim=1)
-        broken_now = robust & (query_pred != y)
+        broken_now = robust & ~answered_right(logits.detach(), y, rejecting)
         x_adv[broken_now] = x_query.detach()[broken_now]
         final_pred[broken_now] = query_pred[broken_now]
         robust.logical_and_(~broken_now)
@@ -106,7 +127,7 @@ def pgd(
             with torch.enable_grad():
                 x_query = x_iter.requires_grad_(True)
                 logits = model(x_query)
-                (grad,) = torch.autograd.grad(objective(logits, y, loss), [x_query])
+                (grad,) = torch.autograd.grad(objective(logits, y, loss, rejecting), [x_query])
             record(x_query, logits)
             with torch.no_grad():
                 x_iter = ball.project(x, x_iter.detach() + ball.ascent_step(grad, norm, alpha), norm, eps)
@@ -119,14 +140,20 @@ def pgd(
 
 
 def run_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, point, *, device, seed: int, progress: bool = False):
-    """The ``pgd`` attack runner (see :mod:`dent.attacks.registry`)."""
+    """The ``pgd`` attack runner (see :mod:`dent.attacks.registry`). It knows the reject class of a detector
+    (:func:`~dent.defenses.detection.rejects`): a rejected adversarial input is defended."""
     from dent.attacks.registry import AttackOutcome
 
     n_iter = point.n_iter if point.n_iter is not None else DEFAULT_N_ITER
+    rejecting = rejects(model)
     result = pgd(
         PlainGradient(model), x, y, norm=point.norm, eps=point.eps, n_iter=n_iter, step_size=point.step_size,
-        n_restarts=point.n_restarts or 1, random_start=point.random_start, loss=point.loss, seed=seed,
-        progress=progress,
+        n_restarts=point.n_restarts or 1, random_start=point.random_start, loss=point.loss, rejecting=rejecting,
+        seed=seed, progress=progress,
     )
-    return AttackOutcome(robust={"pgd": result.robust.cpu()}, pred={"pgd": result.pred.cpu()},
-                         notes={"n_iter": n_iter, "step_size": point.step_size or default_step_size(point.eps, n_iter)})
+    notes = {"n_iter": n_iter, "step_size": point.step_size or default_step_size(point.eps, n_iter)}
+    return AttackOutcome(robust={"pgd": result.robust.cpu()}, pred={"pgd": result.pred.cpu()}, notes=notes)
+
+
+#: The runner counts a detector's rejection as defended (the evaluation runner refuses other attacks on detectors).
+run_pgd.reject_aware = True

@@ -286,7 +286,7 @@ def _evaluate(cfg, store: ResultStore, run_dir, chash, device, model, subsets, u
             defended[unit.defense] = factory(model, unit.defense_config).to(device)
             _warn_randomized(unit.defense, defended[unit.defense], cfg)
         if unit.kind != CLEAN:
-            _refuse_rejecting(unit.defense, defended[unit.defense])
+            _refuse_rejecting(unit.defense, defended[unit.defense], unit.point.name)
         t0 = time.perf_counter()
         images, labels = subsets[unit.context["data"]["subset_seed"]]
         result = run_unit(unit, defended[unit.defense], images, labels, device=device, seed=unit.seed,
@@ -318,16 +318,16 @@ def _evaluate(cfg, store: ResultStore, run_dir, chash, device, model, subsets, u
                          n_skipped=n_skipped, n_run=len(pending), seconds=seconds, dynamic_warnings=dynamic_warnings)
 
 
-def _refuse_rejecting(name: str, defense: nn.Module) -> None:
-    """The attacks count a point as broken when the answer is not its label, and may "succeed" by making a
-    detector fire: for a defense that rejects, that is neither the robust accuracy with reject nor the attack
-    that breaks detectors. Until both exist here, its attacked accuracy is not computed (not guessed)."""
-    if rejects(defense):
+def _refuse_rejecting(name: str, defense: nn.Module, attack: str) -> None:
+    """Most attacks count a point as broken when the answer is not its label, and may "succeed" by making a
+    detector fire; only runners that declare ``reject_aware`` (PGD, C&W: a rejection is defended, the margin
+    treats the reject class like the label) attack a defense that rejects. The others' numbers are not computed."""
+    if rejects(defense) and not getattr(ATTACKS.get(attack), "reject_aware", False):
+        aware = [n for n, runner in ATTACKS.items() if getattr(runner, "reject_aware", False)]
         raise ConfigError(
-            f"defense {name!r} may reject its inputs (a detector, dent.defenses.detection): dent evaluate does not "
-            "attack detectors yet (its attacks would count a rejected input as broken, and could succeed by making "
-            "the detector fire); measure detection from Python with dent.evaluation.detection (docs/defenses.md, "
-            "Detection)"
+            f"defense {name!r} may reject its inputs (a detector, dent.defenses.detection), and attack.name {attack} "
+            f"does not know the reject class (it would count a rejected input as broken, and could succeed by "
+            f"making the detector fire); attacks that do: {', '.join(aware)} (with attack.loss margin for PGD)"
         )
 
 
