@@ -23,3 +23,16 @@ def test_own_defense_example_runs_through_the_harness(tmp_path):
     assert set(rows) == {"undefended", "own", "jpeg_dent"}
     for row in rows.values():
         assert row.natural.n == 16 and all(pr.worst.n == 16 for pr in row.attacks.values())
+
+
+def test_calibrate_detector_example_prints_a_config_entry_that_builds(cifar10_dir):
+    from dent.confbase import validated, parse_value
+    from dent.evaluation.config import EvaluateConfig
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(EXAMPLES / "calibrate_detector.py"), "--n-images", "20", "--fpr", "0.1"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    entry = parse_value(done.stdout.splitlines()[1].split(":", 1)[1])
+    config = validated(EvaluateConfig, {"defenses": {"squeezed": entry}})
+    assert config.defenses["squeezed"].fpr == 0.1 and 0 <= config.defenses["squeezed"].threshold <= 2
