@@ -60,6 +60,33 @@ def test_plain_apgd_is_stopped_by_a_zero_gradient_transform_and_bpda_is_not():
     assert (broken.x_adv - x).abs().max() <= EPS + 1e-6
 
 
+class NoisyGradient(nn.Module):
+    """A randomized toy defense: it answers the model's logits exactly, but each call's input gradient carries a
+    fresh random term (std ``noise`` per pixel, 5x the model's own): single-draw gradients point nowhere."""
+
+    randomized = True
+
+    def __init__(self, model: nn.Module, noise: float):
+        super().__init__()
+        self.model, self.noise = model, noise
+
+    def forward(self, x):
+        drift = (self.noise * torch.randn_like(x) * x).flatten(1).sum(dim=1)
+        drift = drift - drift.detach()  # no effect on the answer, only on the gradient
+        return self.model(x) + torch.stack([drift, -drift], dim=1)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_eot_raises_attack_success_over_single_draw_gradients_on_a_randomized_defense(seed):
+    model, x, y = toy_problem()
+    defense = NoisyGradient(model, noise=5.0)
+    with torch.no_grad():
+        assert torch.equal(defense(x).argmax(1), y)
+    single = apgd_batch(defense, x, y, attack="apgd-ce", eps=EPS, n_iter=10, eot_iter=1, seed=seed)
+    averaged = apgd_batch(defense, x, y, attack="apgd-ce", eps=EPS, n_iter=10, eot_iter=32, seed=seed)
+    assert int(single.robust.sum()) >= 3 and not averaged.robust.any()
+
+
 def test_bpda_answers_are_the_defense_s_and_its_gradient_the_surrogate_s():
     model, x, _ = toy_problem()
     defense = Preprocessed(BitDepth(2), model)
