@@ -14,6 +14,7 @@ import torch
 
 from dent.data import load_subset
 from dent.defenses.detection import FeatureSqueezing
+from dent.errors import DentError
 from dent.models import load_model
 
 
@@ -32,7 +33,16 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=5)
     parser.add_argument("--median-size", type=int, default=2)
     args = parser.parse_args()
-    threshold = calibrated_threshold(args.model, args.n_images, args.fpr, args.bits, args.median_size)
+    if args.n_images < 1:
+        parser.error(f"--n-images must be >= 1, got {args.n_images}")
+    if not 1 <= args.bits <= 8 or not 1 <= args.median_size <= 15:
+        parser.error(f"--bits must be in 1..8 and --median-size in 1..15, got {args.bits} and {args.median_size}")
+    if not 0 <= args.fpr < 1:
+        parser.error(f"--fpr must be in [0, 1), got {args.fpr}")
+    try:
+        threshold = calibrated_threshold(args.model, args.n_images, args.fpr, args.bits, args.median_size)
+    except DentError as exc:
+        parser.exit(2, f"calibrate_detector.py: error: {exc}\n")
     print(f"threshold {threshold!r} at FPR {args.fpr} on {args.n_images} training images of {args.model}")
     print(f"  squeezed: {{kind: feature_squeezing, bits: {args.bits}, median_size: {args.median_size}, "
           f"fpr: {args.fpr}, threshold: {threshold!r}}}")

@@ -36,3 +36,11 @@ def test_calibrate_detector_example_prints_a_config_entry_that_builds(cifar10_di
     entry = parse_value(done.stdout.splitlines()[1].split(":", 1)[1])
     config = validated(EvaluateConfig, {"defenses": {"squeezed": entry}})
     assert config.defenses["squeezed"].fpr == 0.1 and 0 <= config.defenses["squeezed"].threshold <= 2
+
+
+def test_calibrate_detector_example_names_a_bad_argument():
+    for args, message in [(["--n-images", "0"], "--n-images must be >= 1, got 0"), (["--fpr", "1.5"], "got 1.5"),
+                          (["--bits", "0"], "--bits must be in 1..8"), (["--model", "nope"], "unknown model 'nope'")]:
+        done = subprocess.run([sys.executable, str(EXAMPLES / "calibrate_detector.py"), *args], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, args
