@@ -36,6 +36,15 @@ def test_models_lists_architectures_and_named_models(capsys):
     assert " yes " in shipped  # available offline
 
 
+def test_models_layers_lists_the_names_a_detector_layer_takes_with_their_shapes(capsys):
+    code, out, _ = run_cli(capsys, "models", "--layers", "resnet26_1")
+    assert code == 0
+    lines = {line.split()[0]: line.split(None, 2)[1:] for line in out.splitlines()}
+    assert lines["fc"] == ["Linear", "(10,)"] and lines["stage3"][1] == "(64, 8, 8)"
+    code, _, err = run_cli(capsys, "models", "--layers", "resnet99")
+    assert code == 2 and "unknown model or architecture 'resnet99'; named models: autoattack_resnet18" in err
+
+
 def test_console_script_entry_point():
     proc = subprocess.run([sys.executable, "-m", "dent.cli.main", "models"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -29,17 +29,34 @@ EXPECTED_TRAITS = {
     "sap": Traits(differentiable=True, randomized=True, adaptive=False, cost=1.1),
     # the classifier (1) + the detector: the model on the input and on 2 squeezed copies (3) + the median (0.05)
     "feature_squeezing": Traits(differentiable=False, randomized=False, adaptive=False, cost=4.05),
+    # the classifier (1) + a trained subnetwork detector reading it (1)
+    "detector": Traits(differentiable=True, randomized=False, adaptive=False, cost=2.0),
 }
 
-#: The keys a kind cannot build without: a pipeline's stages, a detector's calibrated threshold.
+#: The keys a kind cannot build without: a pipeline's stages, a detector's calibrated threshold (a trained
+#: detector's checkpoint: the fixture ``stored_detector``).
 REQUIRED_KEYS = {"pipeline": {"stages": ["jpeg", "dent"]}, "feature_squeezing": {"threshold": 0.5}}
 
 #: The kinds that answer K + 1 logits, the last one "rejected" (dent.defenses.detection).
-REJECTING = {"feature_squeezing"}
+REJECTING = {"feature_squeezing", "detector"}
 
 
-def default_entry(kind: str):
-    return {"kind": kind, **REQUIRED_KEYS.get(kind, {})}
+@pytest.fixture(scope="module")
+def stored_detector(tmp_path_factory) -> str:
+    """A subnetwork detector fitted around ``tiny_net()`` and stored like ``dent train --export`` stores one."""
+    from dent.defenses.detection import SubnetworkDetector
+    from dent.defenses.detection.stored import save_detector
+
+    torch.manual_seed(0)
+    detector = SubnetworkDetector(tiny_net(), "2", width=4).fit(batch(8), batch(8).flip(-1), epochs=2)
+    path = tmp_path_factory.mktemp("detector") / "tiny.safetensors"
+    save_detector(detector, "subnetwork", {"layer": "2", "width": 4}, path)
+    return str(path)
+
+
+def default_entry(kind: str, stored_detector: str):
+    required = {**REQUIRED_KEYS, "detector": {"checkpoint": stored_detector}}
+    return {"kind": kind, **required.get(kind, {})}
 
 
 def batch(n=4):
@@ -47,8 +64,8 @@ def batch(n=4):
 
 
 @pytest.mark.parametrize("kind", DEFENSE_KINDS.names())
-def test_every_kind_builds_from_its_default_config_and_answers_a_batch(kind):
-    config = parse_defense(default_entry(kind))
+def test_every_kind_builds_from_its_default_config_and_answers_a_batch(kind, stored_detector):
+    config = parse_defense(default_entry(kind, stored_detector))
     assert kind_name(config) == kind
     defense = build_defense(tiny_net(), config)
     x = batch()

@@ -17,6 +17,8 @@ from training_support import build_tiny, one_thread, synthetic_split, tiny_confi
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ALL_RECIPES = ["nominal", "pgd", "fgsm_rs", "trades", "alp", "temperature", "distillation", "gradient_penalty", "dynat"]
+#: Recipes that fit a detector around a trained model instead (tests/test_detection_training.py)
+DETECTOR_RECIPES = ["kde_detector", "subnetwork_detector"]
 #: Recipes that need more than a config (distillation: a trained teacher; tests/test_training_regularizers.py)
 SELF_CONTAINED = [r for r in ALL_RECIPES if r != "distillation"]
 NOT_ADVERSARIAL = ("nominal", "temperature", "gradient_penalty")
@@ -32,7 +34,8 @@ def recipe_loss(trainer: Trainer, model, extras, images, labels, seed: int = 123
 
 
 def test_all_recipes_registered():
-    assert RECIPES.names() == ALL_RECIPES
+    assert RECIPES.names() == ALL_RECIPES + DETECTOR_RECIPES
+    assert [name for name, recipe in RECIPES.items() if recipe.detector] == DETECTOR_RECIPES
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from dent.errors import ConfigError
 from dent.training.awp import frozen_bn_statistics, perturbed, perturbed_parameters, weight_perturbation
 from dent.training.recipes import distillation_loss, input_gradient_penalty, jacobian_penalty
 from dent.training.trainer import ResumeError, Trainer, carve_holdout
-from test_training_recipes import ALL_RECIPES
+from test_training_recipes import ALL_RECIPES, DETECTOR_RECIPES
 from training_support import build_tiny, one_thread, synthetic_split, tiny_config, tiny_net  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -224,4 +224,4 @@ def test_every_training_config_loads(path):
     from dent.training.config import TrainConfig
 
     cfg = TrainConfig.load(path, [])
-    assert cfg.train.recipe in ALL_RECIPES
+    assert cfg.train.recipe in ALL_RECIPES + DETECTOR_RECIPES

@@ -43,6 +43,15 @@ class PGDLoss(str, Enum):
     MARGIN = "margin"
 
 
+class PGDGradient(str, Enum):
+    """The gradient PGD follows (``attack.gradient``)."""
+
+    PLAIN = "plain"  # the defended model's own gradient, one draw of a random defense
+    # what the defense's declarations call for (dent.attacks.wrappers.attack_view): BPDA through its surrogate
+    # where it is not differentiable, the mean over attack.eot_iter draws (EOT) where it is randomized
+    DECLARED = "declared"
+
+
 #: Attack names whose points run AutoAttack (``version`` / ``attacks``); ``transfer`` runs it on a source model.
 AUTOATTACK_BASED = ("autoattack", "transfer")
 
@@ -58,7 +67,7 @@ VERSION_ATTACKS = {
 
 PositiveInt = Annotated[int, Field(ge=1)]
 
-#: The attacks that read ``attack.loss``.
+#: The attacks that read ``attack.loss`` and ``attack.gradient``.
 LOSS_ATTACKS = ("pgd",)
 
 #: The attacks that read ``attack.cw``, and the norm they attack in.
@@ -129,6 +138,7 @@ class AttackPoint(Section):
     # points always carry them; other attacks' points None).
     loss: Annotated[PGDLoss, OMITTED_AT_DEFAULT] = PGDLoss.CE
     cw: Annotated[Optional[CWSection], OMITTED_AT_DEFAULT] = None
+    gradient: Annotated[PGDGradient, OMITTED_AT_DEFAULT] = PGDGradient.PLAIN  # PGD only
 
     @property
     def threat_label(self) -> str:
@@ -152,6 +162,8 @@ class AttackPoint(Section):
                 what += f"x{self.n_restarts}"
             if self.loss is not PGDLoss.CE:
                 what += f"-{self.loss.value}"
+            if self.gradient is not PGDGradient.PLAIN:
+                what += "-bpda/eot"
         out = f"{what} {self.threat_label}"
         if self.n_iter is not None:
             out += f" iter={self.n_iter}"
@@ -192,6 +204,8 @@ class AttackSection(Section):
     loss: Annotated[PGDLoss, OMITTED_AT_DEFAULT] = PGDLoss.CE
     # cw_l2's binary search and Adam (CWSection); null = its defaults. attack.n_iter: Adam steps per search step.
     cw: Annotated[Optional[CWSection], OMITTED_AT_DEFAULT] = None
+    # PGD's gradient: plain (the defense's own) | declared (BPDA / EOT as the defense declares, PGDGradient)
+    gradient: Annotated[PGDGradient, OMITTED_AT_DEFAULT] = PGDGradient.PLAIN
 
     @field_validator("name")
     @classmethod
@@ -241,6 +255,10 @@ class AttackSection(Section):
                     if self.name in AUTOATTACK_BASED else "")
             raise ValueError(f"attack.loss {self.loss.value} is read only by attack.name {' | '.join(LOSS_ATTACKS)}; "
                              f"attack.name {self.name} ignores it{hint}")
+        if self.gradient is not PGDGradient.PLAIN and self.name not in LOSS_ATTACKS:
+            raise ValueError(f"attack.gradient {self.gradient.value} is read only by attack.name "
+                             f"{' | '.join(LOSS_ATTACKS)}; attack.name {self.name} ignores it (declared_apgd and "
+                             "cw_l2 always follow the declared gradient)")
         if self.cw is not None and self.name not in CW_ATTACKS:
             raise ValueError(f"attack.cw is read only by attack.name {' | '.join(CW_ATTACKS)}; "
                              f"attack.name {self.name} ignores it")
@@ -284,6 +302,7 @@ class AttackSection(Section):
                         if self.name in ADAPTIVE_ATTACKS else None,
                         loss=self.loss,
                         cw=(self.cw or CWSection()) if self.name in CW_ATTACKS else None,
+                        gradient=self.gradient,
                     )
                 )
         return out

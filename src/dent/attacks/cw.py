@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from dent.attacks.config import CW_NORM, CWSection
 from dent.attacks.pgd import answered_right, logit_margin
 from dent.attacks.wrappers import attack_view, describe_view
-from dent.defenses.detection import rejects
+from dent.defenses.detection import detection_notes, rejects
 from dent.errors import InvalidInputError
 from dent.threat import ThreatModel
 
@@ -137,12 +137,15 @@ def run_cw_l2(model: nn.Module, x: Tensor, y: Tensor, point: Any, *, device, see
     within = result.l2 <= point.eps
     submitted = torch.where(within.view(-1, 1, 1, 1), result.x_adv, x)
     with torch.no_grad():
-        pred = model(submitted).argmax(dim=1)
+        answers = model(submitted)
+    pred = answers.argmax(dim=1)
     robust = ~within & (pred == y)  # (a detector: the submitted clean input must be classified, not rejected)
     found = [float(v) if math.isfinite(v) else None for v in result.l2.tolist()]
     norms = [v for v in found if v is not None]
     notes = {"view": describe_view(model, point.eot_iter), "budget": {"n_iter": n_iter, **cw.to_dict()},
              "l2": found, "median_l2": statistics.median(norms) if norms else None}
+    if rejecting:
+        notes["detection"] = detection_notes(answers)
     return AttackOutcome(robust={"cw_l2": robust.cpu()}, pred={"cw_l2": pred.cpu()}, notes=notes)
 
 

@@ -1,5 +1,6 @@
 """Projected gradient descent (Madry et al., 2018) in Linf and L2, with random starts and restarts, on the
-cross-entropy or on Carlini & Wagner's logit margin (``attack.loss``).
+cross-entropy or on Carlini & Wagner's logit margin (``attack.loss``), following the defense's own gradient or
+the one its declarations call for (``attack.gradient declared``: BPDA, EOT).
 
 The attack queries ``model`` once per step on the whole batch; ``model`` may be a dynamic defense that
 adapts inside its forward call (the paper's protocol): the gradient is taken through the defended
@@ -20,9 +21,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dent.attacks import ball
-from dent.attacks.config import PGDLoss
-from dent.attacks.wrappers import PlainGradient
-from dent.defenses.detection import rejects
+from dent.attacks.config import PGDGradient, PGDLoss
+from dent.attacks.wrappers import PlainGradient, attack_view, describe_view
+from dent.defenses.detection import detection_notes, rejects
+from dent.defenses.protocol import traits_of
 from dent.errors import InvalidInputError
 from dent.threat import ThreatModel
 
@@ -146,13 +148,32 @@ def run_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, point, *, device
 
     n_iter = point.n_iter if point.n_iter is not None else DEFAULT_N_ITER
     rejecting = rejects(model)
+    view = attack_view(model, point.eot_iter) if point.gradient is PGDGradient.DECLARED else PlainGradient(model)
     result = pgd(
-        PlainGradient(model), x, y, norm=point.norm, eps=point.eps, n_iter=n_iter, step_size=point.step_size,
+        view, x, y, norm=point.norm, eps=point.eps, n_iter=n_iter, step_size=point.step_size,
         n_restarts=point.n_restarts or 1, random_start=point.random_start, loss=point.loss, rejecting=rejecting,
         seed=seed, progress=progress,
     )
+    robust, pred = result.robust, result.pred
     notes = {"n_iter": n_iter, "step_size": point.step_size or default_step_size(point.eps, n_iter)}
-    return AttackOutcome(robust={"pgd": result.robust.cpu()}, pred={"pgd": result.pred.cpu()}, notes=notes)
+    if point.gradient is PGDGradient.DECLARED:
+        notes["view"] = describe_view(model, point.eot_iter)
+        if traits_of(model).randomized:  # the queries were EOT means, not the defense's answers: ask it
+            robust, pred = answered_by_the_defense(model, x, result.x_adv, y, rejecting)
+    if rejecting:
+        with torch.no_grad():
+            notes["detection"] = detection_notes(model(result.x_adv))
+    return AttackOutcome(robust={"pgd": robust.cpu()}, pred={"pgd": pred.cpu()}, notes=notes)
+
+
+@torch.no_grad()
+def answered_by_the_defense(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
+                            rejecting: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(robust, prediction) [B] from one query of ``model`` on the clean and one on the adversarial inputs: robust
+    where the clean input is classified correctly (not rejected) and the adversarial one answered right."""
+    clean_right = model(x).argmax(dim=1) == y
+    logits = model(x_adv)
+    return clean_right & answered_right(logits, y, rejecting), logits.argmax(dim=1)
 
 
 #: The runner counts a detector's rejection as defended (the evaluation runner refuses other attacks on detectors).

@@ -21,6 +21,7 @@ from torch import nn
 from dent.confbase import Section
 from dent.defenses.config import DentConfig
 from dent.defenses.detection import FeatureSqueezing, Rejecting
+from dent.defenses.detection.stored import detector_path, load_detector
 from dent.defenses.protocol import Preprocessed
 from dent.defenses.sap import SAP
 from dent.defenses.transforms import JPEG, BitDepth, MedianSmoothing, RandomResizePad, TotalVariationMin
@@ -137,6 +138,44 @@ class FeatureSqueezingConfig(Section):
     threshold: Optional[Annotated[float, Field(allow_inf_nan=False)]] = None
 
 
+class DetectorConfig(Section):
+    """A trained detector (``dent train``, recipes kde_detector and subnetwork_detector): K + 1 logits, the last
+    one "rejected as adversarial"; it must be the detector of the model evaluated (same weights digest)."""
+
+    kind: Literal["detector"] = "detector"
+    # a stored detector's name (dent.defenses.detection.stored) or the path of a detector .safetensors file
+    checkpoint: Optional[str] = None
+    # the file's digest, filled in when the run is resolved: results are keyed by the detector actually used
+    digest: Optional[str] = None
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _stored(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            detector_path(value)  # an unknown name or missing file is a config error, listing the stored ones
+        return value
+
+    def resolved(self) -> "DetectorConfig":
+        """With ``digest`` set to the checkpoint file's (a stale one given in the config is refused)."""
+        from dent.identity import file_digest
+
+        digest = file_digest(detector_path(_trained_checkpoint(self)))
+        if self.digest is not None and self.digest != digest:
+            raise ConfigError(f"detector {self.checkpoint!r}: config key 'digest' is {self.digest}, but the file's "
+                              f"digest is {digest} (the detector was retrained?); drop 'digest' to use the file")
+        return self.model_copy(update={"digest": digest})
+
+
+def _trained_checkpoint(config: DetectorConfig) -> str:
+    if config.checkpoint is None:
+        raise ConfigError(
+            "detector: config key 'checkpoint' is null, so there is no trained detector to use: train one with "
+            "`dent train --cfg cfgs/train/detector_kde_resnet18.yaml --export NAME` (docs/training.md) and set "
+            "'checkpoint' to NAME"
+        )
+    return config.checkpoint
+
+
 class PipelineConfig(Section):
     """Kinds composed in input order: the first stage sees the input, the last one wraps the model."""
 
@@ -178,6 +217,8 @@ def resolved_defense(config: Section, device: Any) -> Section:
         return config.resolved(device)
     if isinstance(config, PipelineConfig):
         return config.model_copy(update={"stages": [resolved_defense(stage, device) for stage in config.stages]})
+    if isinstance(config, DetectorConfig):
+        return config.resolved()
     return config
 
 
@@ -214,6 +255,10 @@ def _build_feature_squeezing(model: nn.Module, config: FeatureSqueezingConfig) -
     return Rejecting(model, detector)
 
 
+def _build_detector(model: nn.Module, config: DetectorConfig) -> nn.Module:
+    return Rejecting(model, load_detector(model, _trained_checkpoint(config)))
+
+
 def _build_pipeline(model: nn.Module, config: PipelineConfig) -> nn.Module:
     for stage in reversed(config.stages):
         model = build_defense(model, stage)
@@ -228,4 +273,5 @@ _transform_kind("tvm", TVMConfig, lambda c: TotalVariationMin(c.keep, c.weight, 
 _transform_kind("resize_pad", ResizePadConfig, lambda c: RandomResizePad(c.min_scale))
 register_kind("sap", SAPConfig, lambda model, c: SAP(model, c.fraction))
 register_kind("feature_squeezing", FeatureSqueezingConfig, _build_feature_squeezing)
+register_kind("detector", DetectorConfig, _build_detector)
 register_kind("pipeline", PipelineConfig, _build_pipeline)

@@ -26,8 +26,11 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from dent.attacks.config import format_eps
+import torch
+
 from dent.errors import DentError
 from dent.evaluation import plots, security
+from dent.evaluation.detection import roc_auc, tpr_at_fpr
 from dent.evaluation.rundir import find_store, load_run_config
 from dent.evaluation.store import ResultStore, read_records
 from dent.evaluation.summary import (
@@ -186,6 +189,50 @@ def per_attack_table(summary: Summary) -> Optional[str]:
     return _table(header, lines)
 
 
+#: The clean false-positive rate of the detection table's true-positive rate.
+DETECTION_FPR = 0.05
+
+
+def detection_rows(summary: Summary) -> list[dict[str, Any]]:
+    """Per detecting defense and attack point (units with ``notes.detection``): clean and adversarial inputs
+    rejected, and how well the reject margin tells the attack's inputs that fool the classifier from the clean
+    ones: ROC AUC and the true-positive rate at :data:`DETECTION_FPR` on these clean inputs (with its interval)."""
+    out = []
+    for row in summary.rows:
+        clean = row.clean_reject_margins
+        for label, pr in row.attacks.items():
+            if not pr.detection or not clean:
+                continue
+            fooled = [margin for margin, wrong in pr.detection if wrong]
+            tpr = tpr_at_fpr(torch.tensor(clean), torch.tensor(fooled), DETECTION_FPR) if fooled else None
+            out.append({
+                "model": row.model, "defense": row.defense, "attack": label,
+                "clean_rejected": sum(m > 0 for m in clean), "n_clean": len(clean),
+                "adversarial_rejected": sum(m > 0 for m, _ in pr.detection), "n_adversarial": len(pr.detection),
+                "n_fooled": len(fooled), "roc_auc": roc_auc(torch.tensor(clean), torch.tensor(fooled)) if fooled else None,
+                "tpr": None if tpr is None else {"count": tpr.count, "n": tpr.n, "interval": list(tpr.interval)},
+            })
+    return out
+
+
+def detection_table(summary: Summary) -> Optional[str]:
+    """:func:`detection_rows` as markdown."""
+    rows = detection_rows(summary)
+    if not rows:
+        return None
+    header = ["defense", "attack point", "clean rejected", "adversarial rejected", "fooling the classifier",
+              "ROC AUC", f"TPR at {100 * DETECTION_FPR:g}% FPR (%)"]
+    lines = []
+    for r in rows:
+        tpr = r["tpr"]
+        tpr_text = "n/a" if tpr is None else (f"{100 * tpr['count'] / tpr['n']:.1f} [{100 * tpr['interval'][0]:.1f}, "
+                                              f"{100 * tpr['interval'][1]:.1f}]")
+        lines.append([f"{r['model']} / {r['defense']}", r["attack"], f"{r['clean_rejected']}/{r['n_clean']}",
+                      f"{r['adversarial_rejected']}/{r['n_adversarial']}", str(r["n_fooled"]),
+                      "n/a" if r["roc_auc"] is None else f"{r['roc_auc']:.3f}", tpr_text])
+    return _table(header, lines)
+
+
 def steps_table(summary: Summary) -> Optional[str]:
     families = plots.swept_step_families(summary.rows)
     if not families:
@@ -328,6 +375,8 @@ def markdown(summary: Summary) -> str:
     for title, table in (
         ("## Time of a defended prediction (clean batches; x static)", time_table(summary)),
         ("## Per attack (worst case over attacks per point)", per_attack_table(summary)),
+        ("## Detection (defenses that reject; AUC and TPR over the attack's inputs that fool the classifier)",
+         detection_table(summary)),
         ("## Accuracy vs dent steps", steps_table(summary)),
         ("## Accuracy vs batch size", batch_size_table(summary)),
         ("## Accuracy vs attack iterations", iterations_table(summary)),
@@ -396,7 +445,7 @@ def to_json(summary: Summary) -> dict[str, Any]:
             ],
         })
     return {"settings": summary.settings(), "caption": summary.caption(), "rows": rows, "notes": summary.notes,
-            "security": security.to_json(summary)}
+            "security": security.to_json(summary), "detection": detection_rows(summary)}
 
 
 # -- writing ----------------------------------------------------------------------------------------

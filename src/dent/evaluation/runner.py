@@ -23,7 +23,7 @@ from dent.attacks.registry import ATTACKS
 from dent.confbase import Section, as_section
 from dent.data.split import images_and_labels
 from dent.defenses.kinds import build_defense, resolved_defense
-from dent.defenses.detection import rejects
+from dent.defenses.detection import detection_notes, rejects
 from dent.defenses.protocol import traits_of
 from dent.errors import ConfigError
 from dent.evaluation.accuracy import predict
@@ -207,6 +207,8 @@ def run_unit(unit: Unit, defended: nn.Module, images: torch.Tensor, labels: torc
         logits, gradient = logits_and_plain_gradient(defended, x, y)
         result["clean_pred"] = logits.argmax(dim=1).cpu().tolist()
         result["notes"] = {"plain_gradient": gradient}
+        if rejects(defended):
+            result["notes"]["detection"] = detection_notes(logits)
         if clean_draws > 1 and traits_of(defended).randomized:
             result["notes"]["clean_draws"] = [result["clean_pred"]] + [
                 predict(defended, x, len(x), x.device, progress=False).tolist() for _ in range(clean_draws - 1)]

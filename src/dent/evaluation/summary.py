@@ -134,6 +134,9 @@ class PointResult:
     per_label: dict[str, Cell] = field(default_factory=dict)
     dynamic_warning: bool = False
     per_point: dict[tuple[int, int], bool] = field(default_factory=dict)  # (repeat, position) -> robust under every label
+    # A detecting defense (notes.detection): per attacked input, its reject margin (> 0: rejected) and whether
+    # the classifier's own label is wrong there (the input fools the classifier, rejected or not).
+    detection: list[tuple[float, bool]] = field(default_factory=list)
 
 
 @dataclass
@@ -153,6 +156,7 @@ class Row:
     # Clean points whose plain input gradient was zero / not finite, of those checked (dent.attacks.masking;
     # stores written before the check have none).
     plain_gradient: dict[str, int] = field(default_factory=dict)
+    clean_reject_margins: list[float] = field(default_factory=list)  # a detecting defense's, on the clean inputs
 
     @property
     def steps(self) -> int:
@@ -343,6 +347,8 @@ def attack_description(point: dict[str, Any]) -> str:
             out += f", {point['n_restarts']} restarts"
         if point.get("loss", "ce") != "ce":
             out += f", {point['loss']} loss"
+        if point.get("gradient", "plain") != "plain":
+            out += ", BPDA/EOT gradient as the defense declares"
         if point.get("cw") is not None:
             cw = point["cw"]
             out += f", {cw['search_steps']} search steps from c {cw['initial_const']:g}, Adam lr {cw['lr']:g}"
@@ -418,6 +424,7 @@ def summarize(records: Iterable[UnitRecord], configs: Iterable[dict[str, Any]] =
                 row.natural = Cell(expected=expected)
             row.natural.add(sum(p == y for p, y in zip(rec.result["clean_pred"], labels)), len(labels), repeat)
             _add_clean_draws(row, rec.result, expected, repeat)
+            row.clean_reject_margins += rec.result.get("notes", {}).get("detection", {}).get("reject_margin", [])
             for count, value in rec.result.get("notes", {}).get("plain_gradient", {}).items():
                 row.plain_gradient[count] = row.plain_gradient.get(count, 0) + value
             if labels:
@@ -437,6 +444,10 @@ def summarize(records: Iterable[UnitRecord], configs: Iterable[dict[str, Any]] =
         pr.worst.add(sum(worst), len(worst), repeat)
         pr.per_point.update(((repeat, position), flag) for position, flag in zip(rec.result["positions"], worst))
         pr.dynamic_warning |= bool(rec.result.get("notes", {}).get("dynamic_warning"))
+        detection = rec.result.get("notes", {}).get("detection")
+        if detection:
+            pr.detection += [(margin, classified != y) for margin, classified, y in
+                             zip(detection["reject_margin"], detection["classified"], labels)]
 
     ordered = sorted(rows.values(), key=lambda r: (
         r.model, defense_order.index(r.defense) if r.defense in defense_order else len(defense_order), r.batch_size))

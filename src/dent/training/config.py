@@ -9,7 +9,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Optional
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 
 from dent.confbase import NON_RESULT, OMITTED_AT_DEFAULT, Section, config_hash
 from dent.identity import result_tree
@@ -138,6 +138,29 @@ class AwpSection(Section):
         return self.gamma > 0 and epoch > self.warmup
 
 
+def _layer_name(value: object) -> object:
+    """A layer name as YAML reads it: ``1`` (an ``nn.Sequential``'s layer) is the name ``"1"``."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class DetectorSection(Section):
+    """``train.detector``: the detector recipes (``kde_detector``, ``subnetwork_detector``). The detector watches
+    the trained model ``model.arch`` names (`dent models`), is fitted on ``train.n_images`` training images and
+    their PGD examples (``train.attack``), and its threshold is set at ``fpr`` on the held-out clean images."""
+
+    fpr: Annotated[float, Field(gt=0, lt=1)] = 0.05  # the clean false-positive rate of the threshold
+    # kde_detector (Feinman et al. 2017): Gaussian kernel bandwidth on the last hidden features, MC-dropout passes
+    bandwidth: Annotated[float, Field(gt=0)] = 1.0
+    passes: Annotated[int, Field(ge=2, le=1000)] = 50
+    dropout: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    # subnetwork_detector (Metzen et al. 2017): the watched layer (a name in the model's named_modules), the
+    # subnetwork's width, and its Adam training on the fixed clean + adversarial set
+    layer: Annotated[Optional[str], BeforeValidator(_layer_name)] = None
+    width: PositiveInt = 32
+    epochs: PositiveInt = 20
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+
+
 class EarlyStopSection(Section):
     """Stop on catastrophic overfitting (Wong et al. 2020): held-out PGD accuracy collapses between epochs."""
 
@@ -157,7 +180,7 @@ def _readers(options: list[str]) -> dict[str, tuple[str, ...]]:
 
 
 #: The ``train`` sections that belong to recipes (each read by the recipes that name it in ``Recipe.options``).
-RECIPE_OPTIONS = ("trades", "alp", "dynat", "distillation", "gradient_penalty", "awp")
+RECIPE_OPTIONS = ("trades", "alp", "dynat", "distillation", "gradient_penalty", "awp", "detector")
 
 
 class TrainSection(Section):
@@ -185,6 +208,7 @@ class TrainSection(Section):
     distillation: Annotated[DistillationSection, OMITTED_AT_DEFAULT] = DistillationSection()
     gradient_penalty: Annotated[GradientPenaltySection, OMITTED_AT_DEFAULT] = GradientPenaltySection()
     awp: Annotated[AwpSection, OMITTED_AT_DEFAULT] = AwpSection()
+    detector: Annotated[DetectorSection, OMITTED_AT_DEFAULT] = DetectorSection()
     early_stop: EarlyStopSection = EarlyStopSection()
     resume: Annotated[bool, NON_RESULT] = False  # continue from the run directory's checkpoint (same as --resume)
     progress: Annotated[bool, NON_RESULT] = True  # tqdm progress bars
@@ -210,6 +234,9 @@ class TrainSection(Section):
                     f"train.{option} applies to the recipe{'s' if len(recipes) > 1 else ''} {', '.join(recipes)}, "
                     f"not to train.recipe {self.recipe!r}; drop train.{option} or choose one of those recipes"
                 )
+        if self.recipe == "subnetwork_detector" and not self.detector.layer:
+            raise ValueError("train.recipe subnetwork_detector needs train.detector.layer: the name of the layer "
+                             "whose activations it reads (`dent models --layers NAME` lists them)")
         if self.recipe == "distillation" and not self.distillation.teacher:
             raise ValueError("train.recipe distillation needs train.distillation.teacher: a named model (`dent "
                              "models`) or a `dent train` run directory of the teacher (recipe temperature)")

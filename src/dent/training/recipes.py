@@ -64,7 +64,7 @@ def no_frozen(cfg: TrainSection, build: ModelBuilder) -> dict[str, nn.Module]:
 class Recipe:
     name: str
     description: str
-    loss: LossFn
+    loss: Optional[LossFn]  # None: a detector recipe, fitted outside the epoch loop (``detector``)
     adversarial: bool = True
     extra_modules: Callable[[TrainSection, str, ModelBuilder], dict[str, nn.Module]] = no_extras
     #: learning rate of an extra module's parameter group; default: ``cfg.lr``
@@ -73,6 +73,9 @@ class Recipe:
     frozen_modules: Callable[[TrainSection, ModelBuilder], dict[str, nn.Module]] = no_frozen
     #: the sections of :data:`~dent.training.config.RECIPE_OPTIONS` it reads (any other one set is a config error)
     options: tuple[str, ...] = ()
+    #: a detector recipe: the detector class (dent.defenses.detection.stored.DETECTOR_CLASSES) that
+    #: dent.training.detectors fits around the trained model ``model.arch``, instead of training a model
+    detector: Optional[str] = None
 
 
 RECIPES: Registry[Recipe] = Registry("training recipe")
@@ -287,3 +290,18 @@ def dynat(ctx: StepContext, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
 
 def _acc(logits: torch.Tensor, y: torch.Tensor) -> float:
     return (logits.detach().argmax(dim=1) == y).float().mean().item()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Detector recipes: fitted around a trained model by dent.training.detectors, not by the epoch loop
+
+
+def detector_recipe(name: str, description: str, detector: str) -> None:
+    RECIPES.register(name, Recipe(name, description, None, adversarial=False, options=("detector",),
+                                  detector=detector))
+
+
+detector_recipe("kde_detector", "detector: kernel density + MC-dropout uncertainty, logistic regression (Feinman "
+                "et al. 2017) on a trained model's clean vs PGD examples", "kde_uncertainty")
+detector_recipe("subnetwork_detector", "detector: a subnetwork on a hidden layer of a trained model (Metzen et al. "
+                "2017), trained on its clean vs PGD examples", "subnetwork")

@@ -618,6 +618,8 @@ def train(
     ``cfg`` may also be a plain dict of config keys (validated, missing keys at their defaults).
     """
     cfg = as_section(TrainConfig, cfg, "train(cfg)")
+    if RECIPES.get(cfg.train.recipe).detector is not None:
+        raise ConfigError(f"train.recipe {cfg.train.recipe} fits a detector: use dent.training.detectors.fit_detector")
     if build is None:  # fail on a bad architecture name before loading data or creating the run directory
         from dent.models import ARCHITECTURES
 

@@ -1,4 +1,4 @@
-"""``dent train``: train a model with a recipe (nominal, pgd, trades, fgsm_rs, alp, dynat); resumable."""
+"""``dent train``: train a model with a recipe, or fit a detector around a trained one; resumable."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--export-dir", metavar="DIR", default=None,
-        help="where --export writes (default: the reference slot src/dent/models/checkpoints/)",
+        help="where --export writes (default: the reference slot src/dent/models/checkpoints/, for a detector "
+             "src/dent/defenses/detection/checkpoints/)",
     )
 
 
@@ -47,13 +48,40 @@ def command_line(args: argparse.Namespace) -> str:
     return shlex.join(words)
 
 
-@command("train", "train a model with a recipe: nominal, pgd, trades, fgsm_rs, alp, dynat (resumable)", add_arguments,
-         config=TrainConfig)
+#: ``dent train``'s one-line help; tests/test_training_cli.py checks it names every recipe of the registry.
+DESCRIPTION = ("train a model with a recipe (nominal, pgd, trades, fgsm_rs, alp, dynat, temperature, distillation, "
+               "gradient_penalty; resumable) or fit a detector around a trained one (kde_detector, subnetwork_detector)")
+
+
+@command("train", DESCRIPTION, add_arguments, config=TrainConfig)
 def run(args: argparse.Namespace) -> int:
+    from dent.training.recipes import RECIPES
+
+    cfg = config_from_args(args)
+    if RECIPES.get(cfg.train.recipe).detector is not None:
+        return run_detector(cfg, args)
+    return run_model(cfg, args)
+
+
+def run_detector(cfg: TrainConfig, args: argparse.Namespace) -> int:
+    from dent.training.detectors import export_detector, fit_detector
+
+    result = fit_detector(cfg, command=command_line(args))
+    m = result.metrics
+    print(f"{cfg.train.recipe} around {cfg.model.arch}: threshold {m['threshold']:.6g} at {100 * m['fpr']:.1f}% FPR "
+          f"on {m['n_clean']} held-out clean images; held-out ROC AUC {m['roc_auc']:.3f}, TPR {100 * m['tpr']:.1f}% "
+          f"on {m['n_adversarial']} successful PGD examples")
+    print(f"results: {result.run_dir} (detector.safetensors, metrics.json, the PGD examples)")
+    if args.export:
+        weights, card = export_detector(result.run_dir, args.export, directory=args.export_dir)
+        print(f"exported: {weights} and {card}")
+    return 0
+
+
+def run_model(cfg: TrainConfig, args: argparse.Namespace) -> int:
     from dent.training.export import export_reference_checkpoint
     from dent.training.trainer import train
 
-    cfg = config_from_args(args)
     result = train(cfg, until_epoch=args.until_epoch, resume=args.resume_from or args.resume, command=command_line(args))
     last = next((e for e in reversed(result.history) if e.get("clean_acc") is not None), None)
     summary = f"{result.status} at epoch {result.epoch}/{cfg.train.epochs}"

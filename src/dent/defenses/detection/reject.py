@@ -48,6 +48,21 @@ def predictions_with_reject(logits: Tensor) -> tuple[Tensor, Tensor]:
     return logits[:, :k].argmax(dim=1), logits.argmax(dim=1) == k
 
 
+def reject_margin(logits: Tensor) -> Tensor:
+    """[B]: the reject logit minus the largest class logit of K + 1 logits: positive exactly where rejected; for
+    :class:`Rejecting` it is ``scale`` times the detector logit (score minus threshold), so it ranks inputs as the
+    detector's score does."""
+    return logits[:, -1] - logits[:, :-1].amax(dim=1)
+
+
+def detection_notes(logits: Tensor) -> dict[str, list]:
+    """For a unit's notes: per input, from a detecting defense's K + 1 ``logits``, its :func:`reject_margin` and
+    the label its classifier gives (among the K classes, rejected or not)."""
+    logits = logits.detach()
+    return {"reject_margin": reject_margin(logits).cpu().tolist(),
+            "classified": logits[:, :-1].argmax(dim=1).cpu().tolist()}
+
+
 def rejects(module: nn.Module) -> bool:
     """Whether ``module`` answers K + 1 logits with a reject class (declares ``rejects = True``), also behind
     input transforms (:class:`~dent.defenses.protocol.Preprocessed`)."""
