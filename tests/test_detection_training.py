@@ -100,6 +100,7 @@ def test_resume_reuses_the_adversarial_examples_kept_in_the_run_directory(fitted
     before = kept.stat().st_mtime_ns
     again = fit_detector(detector_config("kde_detector"), data=tiny_data(), model=model, run_dir=result.run_dir)
     assert kept.stat().st_mtime_ns == before  # not made again
+    assert result.metrics["pgd_batches_resumed"] == 0 and again.metrics["pgd_batches_resumed"] == 3 + 2
     assert again.metrics["threshold"] == pytest.approx(result.metrics["threshold"], rel=1e-5, abs=1e-5)
 
 

@@ -90,13 +90,14 @@ def examples_key(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c
 
 
 def adversarial_examples(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
-                         file: Path, what: str) -> torch.Tensor:
+                         file: Path, what: str) -> tuple[torch.Tensor, int]:
     """PGD examples of ``images`` (``train.attack``), made batch by batch and saved after each batch to ``file``
     (resumed from it, if it was made for the same :func:`examples_key`), each batch seeded by ``seed`` and its
-    index."""
+    index; and how many batches were read from the file instead of made."""
     a = cfg.train.attack
     key = examples_key(model, images, labels, cfg)
     done = kept_examples(file, key)
+    resumed = len(done)
     batches = list(zip(images.split(cfg.train.batch_size), labels.split(cfg.train.batch_size)))
     for index, (x, y) in enumerate(batches[len(done):], start=len(done)):
         generator = torch.Generator().manual_seed(cfg.seed * 100_003 + index)
@@ -104,7 +105,7 @@ def adversarial_examples(model: nn.Module, images: torch.Tensor, labels: torch.T
                                  random_init=a.random_start, generator=generator).detach().cpu())
         atomic_torch_save({"key": key, "batches": done}, file)
         log.info("%s: PGD examples of batch %d/%d", what, index + 1, len(batches))
-    return torch.cat(done).to(images.device) if done else images[:0]
+    return (torch.cat(done).to(images.device) if done else images[:0]), resumed
 
 
 def kept_examples(file: Path, key: str) -> list[torch.Tensor]:
@@ -171,10 +172,11 @@ def fit_detector(cfg: TrainConfig, *, data: Optional[TrainData] = None, model: O
     run_dir = Path(run_dir) if run_dir is not None else training_run_dir(cfg)
     write_run_metadata(run_dir, cfg.to_dict())
     start = time.time()
-    parts = {}
+    parts, resumed = {}, 0
     for what, split in (("train", data.train), ("holdout", data.holdout)):
         images, labels = split.images.to(device), split.labels.to(device)
-        adversarial = adversarial_examples(model, images, labels, cfg, run_dir / f"{what}-{EXAMPLES_FILE}", what)
+        adversarial, kept = adversarial_examples(model, images, labels, cfg, run_dir / f"{what}-{EXAMPLES_FILE}", what)
+        resumed += kept
         keep = successful_pairs(model, images, adversarial, labels, cfg.train.batch_size)
         parts[what] = (images, adversarial, labels, keep)
     images, adversarial, labels, keep = parts["train"]
@@ -186,13 +188,24 @@ def fit_detector(cfg: TrainConfig, *, data: Optional[TrainData] = None, model: O
     detector.calibrate(clean_holdout, cfg.train.detector.fpr, cfg.train.batch_size)
     metrics = holdout_metrics(detector, cfg, clean_holdout, adversarial_holdout[keep_holdout])
     metrics.update(n_fit_pairs=int(keep.sum()), n_train_images=len(keep), wall_time_s=round(time.time() - start, 1),
-                   cpu=cpu_model_name(), command=command or "", watched=cfg.model.arch)
+                   pgd_batches_resumed=resumed,
+                   machine=machine_line(device), date=time.strftime("%Y-%m-%d", time.gmtime()),
+                   command=command or "", watched=cfg.model.arch)
     save_detector(detector, recipe.detector, detector_params(cfg), run_dir / DETECTOR_FILE)
     with writing(run_dir / METRICS_FILE, "detector metrics"):
         (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     log.info("detector %s of %s: held-out ROC AUC %.3f, TPR %.3f at FPR %.3f", recipe.name, cfg.model.arch,
              metrics["roc_auc"], metrics["tpr"], metrics["fpr"])
     return DetectorResult(run_dir, detector, metrics)
+
+
+def machine_line(device: torch.device) -> str:
+    """Where the detector was fitted: CPU model and capability (or the GPU), float32, threads."""
+    from dent.runtime import cpu_capability
+
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{cpu_model_name()}, CPU capability {cpu_capability()['capability']}")
+    return f"{where}, float32, {torch.get_num_threads()} thread(s)"
 
 
 def holdout_metrics(detector: Detector, cfg: TrainConfig, clean: torch.Tensor,
@@ -231,6 +244,8 @@ def export_detector(run_dir: Path, name: str, directory: Optional[Path] = None) 
 def detector_card(name: str, metrics: dict[str, Any], config: str) -> str:
     """The card of a stored detector: what it watches, how it was fitted, what it measured held out."""
     low, high = metrics["tpr_interval"] or (float("nan"), float("nan"))
+    resumed = (f" (the PGD examples of {metrics['pgd_batches_resumed']} batches were made by an earlier run and "
+               "kept in its run directory: their time is not included)" if metrics.get("pgd_batches_resumed") else "")
     return f"""# {name}
 
 A detector stored by `dent train --export` (dent.training.detectors); use it as the defense
@@ -239,7 +254,8 @@ records its weights digest).
 
 - Command: `{metrics['command']}`
 - Fitted on {metrics['n_fit_pairs']} successful PGD pairs of {metrics['n_train_images']} training images
-  (clean classified right, adversarial wrong); wall time {metrics['wall_time_s']:.0f} s on {metrics['cpu']}.
+  (clean classified right, adversarial wrong); {metrics['date']}, wall time {metrics['wall_time_s']:.0f} s on
+  {metrics['machine']}{resumed}.
 - Threshold {metrics['threshold']:.6g}, set at {100 * metrics['fpr']:.1f}% false positives on {metrics['n_clean']}
   held-out clean training images.
 - Held out ({metrics['n_clean']} clean, {metrics['n_adversarial']} successful PGD examples of the training
