@@ -387,8 +387,42 @@ def test_evaluate_attacks_a_detector_with_reject_aware_pgd(tmp_path):
     data = fake_data(8, model=net)
     run = evaluate(detector_config({"name": "pgd", "loss": "margin"}), model=net, data=data, run_dir=tmp_path / "run")
     assert run.n_run == 2
-    (row,) = load_summary([run.run_dir]).rows
+    summary = load_summary([run.run_dir])
+    (row,) = summary.rows
     assert row.defense == "squeezed" and all(pr.worst.n == 8 for pr in row.attacks.values())
+
+
+def test_detection_notes_and_the_report_s_detection_rows_agree_with_the_stored_predictions(tmp_path):
+    """The clean unit's reject margins are positive exactly where the clean prediction is the reject class; the
+    report counts rejections, inputs fooling the classifier and their AUC / TPR from the units' notes."""
+    from dent.evaluation.report import detection_rows, detection_table, load_summary
+    from dent.evaluation.runner import evaluate
+    from dent.evaluation.store import STORE_NAME, ResultStore
+    from eval_support import fake_data, tiny_net
+
+    net = tiny_net()
+    data = fake_data(8, model=net)
+    cfg = EvaluateConfig.model_validate({
+        "device": "cpu", "data": {"n_images": 8, "batch_size": 8}, "evaluation": {"progress": False},
+        "defenses": {"squeezed": {"kind": "feature_squeezing", "threshold": 0.0105}},  # some clean rejected
+        "attack": {"name": "pgd", "threats": ["Linf:64/255"], "n_iter": [10], "gradient": "declared"},
+    })
+    run = evaluate(cfg, model=net, data=data, run_dir=tmp_path / "run")
+    with ResultStore(tmp_path / "run" / STORE_NAME, create=False) as store:
+        clean = next(r for r in store.records() if r.kind == "clean").result
+        attacked = next(r for r in store.records() if r.kind != "clean").result
+    margins = clean["notes"]["detection"]["reject_margin"]
+    assert [m > 0 for m in margins] == [p == 10 for p in clean["clean_pred"]]
+    (row,) = detection_rows(load_summary([run.run_dir]))
+    notes = attacked["notes"]["detection"]
+    fooled = [m for m, c, y in zip(notes["reject_margin"], notes["classified"], attacked["labels"]) if c != y]
+    assert row["n_clean"] == row["n_adversarial"] == 8 and row["clean_rejected"] == sum(m > 0 for m in margins)
+    assert row["n_fooled"] == len(fooled) and row["fooled_rejected"] == sum(m > 0 for m in fooled)
+    assert 0 < row["clean_rejected"] < 8 and fooled  # the fixture exercises both
+    assert row["roc_auc"] == pytest.approx(roc_auc(torch.tensor(margins), torch.tensor(fooled)))
+    assert row["tpr"]["n"] == len(fooled)
+    line = detection_table(load_summary([run.run_dir])).splitlines()[-1]
+    assert f"/ squeezed | PGD-bpda/eot Linf 64/255 iter=10 | {row['clean_rejected']}/8 |" in line
 
 
 def two_feature_detector():

@@ -70,7 +70,9 @@ def test_a_fitted_detector_is_calibrated_on_held_out_images_and_measured(fitted,
         assert m["measured_fpr"] <= 0.05
     else:  # MC dropout: a fresh draw of the same clean images' scores, near the target
         assert m["measured_fpr"] <= 0.2
-    assert json.loads((result.run_dir / "metrics.json").read_text())["threshold"] == m["threshold"]
+    stored = json.loads((result.run_dir / "metrics.json").read_text())
+    assert stored["threshold"] == m["threshold"] and stored["config_hash"] == detector_config(recipe, *(
+        ("train.detector.layer", "1") if recipe == "subnetwork_detector" else ())).result_hash()
     assert (result.run_dir / "config.yaml").is_file() and (result.run_dir / "train-adversarial.pt").is_file()
 
 

@@ -209,7 +209,7 @@ def detection_rows(summary: Summary) -> list[dict[str, Any]]:
                 "model": row.model, "defense": row.defense, "attack": label,
                 "clean_rejected": sum(m > 0 for m in clean), "n_clean": len(clean),
                 "adversarial_rejected": sum(m > 0 for m, _ in pr.detection), "n_adversarial": len(pr.detection),
-                "n_fooled": len(fooled), "roc_auc": roc_auc(torch.tensor(clean), torch.tensor(fooled)) if fooled else None,
+                "n_fooled": len(fooled), "fooled_rejected": sum(m > 0 for m in fooled), "roc_auc": roc_auc(torch.tensor(clean), torch.tensor(fooled)) if fooled else None,
                 "tpr": None if tpr is None else {"count": tpr.count, "n": tpr.n, "interval": list(tpr.interval)},
             })
     return out
@@ -221,14 +221,14 @@ def detection_table(summary: Summary) -> Optional[str]:
     if not rows:
         return None
     header = ["defense", "attack point", "clean rejected", "adversarial rejected", "fooling the classifier",
-              "ROC AUC", f"TPR at {100 * DETECTION_FPR:g}% FPR (%)"]
+              "of those rejected", "ROC AUC", f"TPR at {100 * DETECTION_FPR:g}% FPR (%)"]
     lines = []
     for r in rows:
         tpr = r["tpr"]
         tpr_text = "n/a" if tpr is None else (f"{100 * tpr['count'] / tpr['n']:.1f} [{100 * tpr['interval'][0]:.1f}, "
                                               f"{100 * tpr['interval'][1]:.1f}]")
         lines.append([f"{r['model']} / {r['defense']}", r["attack"], f"{r['clean_rejected']}/{r['n_clean']}",
-                      f"{r['adversarial_rejected']}/{r['n_adversarial']}", str(r["n_fooled"]),
+                      f"{r['adversarial_rejected']}/{r['n_adversarial']}", str(r["n_fooled"]), str(r["fooled_rejected"]),
                       "n/a" if r["roc_auc"] is None else f"{r['roc_auc']:.3f}", tpr_text])
     return _table(header, lines)
 

@@ -190,7 +190,7 @@ def fit_detector(cfg: TrainConfig, *, data: Optional[TrainData] = None, model: O
     metrics.update(n_fit_pairs=int(keep.sum()), n_train_images=len(keep), wall_time_s=round(time.time() - start, 1),
                    pgd_batches_resumed=resumed,
                    machine=machine_line(device), date=time.strftime("%Y-%m-%d", time.gmtime()),
-                   command=command or "", watched=cfg.model.arch)
+                   command=command or "", watched=cfg.model.arch, config_hash=cfg.result_hash())
     save_detector(detector, recipe.detector, detector_params(cfg), run_dir / DETECTOR_FILE)
     with writing(run_dir / METRICS_FILE, "detector metrics"):
         (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
