@@ -137,3 +137,4 @@ def save_reference(
 register_reference("resnet26_1_nominal", "resnet26_1")
 register_reference("resnet26_1_pgd", "resnet26_1", threat_model="Linf")
 register_reference("resnet26_1_distilled", "resnet26_1")
+register_reference("resnet26_1_gradpen", "resnet26_1")
