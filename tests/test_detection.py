@@ -154,6 +154,18 @@ def test_roc_auc_equals_sklearn():
     assert roc_auc(clean, adversarial) == pytest.approx(expected, abs=1e-12)
 
 
+def test_roc_auc_interval_is_hanley_mcneil_by_hand():
+    from dent.evaluation.detection import roc_auc_interval
+
+    # A = 0.8, 50 + 50: Q1 = 0.8 / 1.2, Q2 = 1.28 / 1.8; SE^2 = (0.16 + 49 (Q1 - 0.64) + 49 (Q2 - 0.64)) / 2500
+    se = math.sqrt((0.16 + 49 * (0.8 / 1.2 - 0.64) + 49 * (1.28 / 1.8 - 0.64)) / 2500)
+    assert se == pytest.approx(0.0445, abs=1e-4)
+    assert roc_auc_interval(0.8, 50, 50) == pytest.approx((0.8 - 1.96 * se, 0.8 + 1.96 * se), abs=1e-4)
+    assert roc_auc_interval(1.0, 10, 10) == (1.0, 1.0) and roc_auc_interval(0.99, 5, 5)[1] == 1.0  # clipped
+    with pytest.raises(InvalidInputError, match="needs an AUC in \\[0, 1\\] and at least one input of each kind"):
+        roc_auc_interval(0.5, 0, 3)
+
+
 def test_roc_auc_refuses_empty_or_nan_scores():
     with pytest.raises(InvalidInputError, match="adversarial scores: expected at least one score"):
         roc_auc(torch.ones(3), torch.tensor([]))
@@ -420,6 +432,7 @@ def test_detection_notes_and_the_report_s_detection_rows_agree_with_the_stored_p
     assert row["n_fooled"] == len(fooled) and row["fooled_rejected"] == sum(m > 0 for m in fooled)
     assert 0 < row["clean_rejected"] < 8 and fooled  # the fixture exercises both
     assert row["roc_auc"] == pytest.approx(roc_auc(torch.tensor(margins), torch.tensor(fooled)))
+    assert row["roc_auc_interval"][0] <= row["roc_auc"] <= row["roc_auc_interval"][1]
     assert row["tpr"]["n"] == len(fooled)
     line = detection_table(load_summary([run.run_dir])).splitlines()[-1]
     assert f"/ squeezed | PGD-bpda/eot Linf 64/255 iter=10 | {row['clean_rejected']}/8 |" in line

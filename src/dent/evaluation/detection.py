@@ -16,6 +16,7 @@ inflate. Every accuracy is a count out of N with its 95% Wilson interval.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -30,7 +31,7 @@ from dent.evaluation.summary import wilson_interval
 Prediction = tuple[Tensor, Tensor]
 
 __all__ = [
-    "Proportion", "Prediction", "roc_auc", "threshold_at_fpr", "tpr_at_fpr", "clean_accuracy_with_reject",
+    "Proportion", "Prediction", "roc_auc", "roc_auc_interval", "threshold_at_fpr", "tpr_at_fpr", "clean_accuracy_with_reject",
     "defended_with_reject", "robust_accuracy_with_reject", "worst_case_with_reject",
 ]
 
@@ -76,6 +77,20 @@ def roc_auc(clean_scores: Tensor, adversarial_scores: Tensor) -> float:
     mid_rank = (below + (counts + 1) / 2).double()[group]
     n0, n1 = clean.numel(), adversarial.numel()
     return float((mid_rank[n0:].sum() - n1 * (n1 + 1) / 2) / (n0 * n1))
+
+
+def roc_auc_interval(auc: float, n_clean: int, n_adversarial: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """A 95% interval of a ROC AUC measured on ``n_clean`` and ``n_adversarial`` inputs: ``auc +- z * SE`` with
+    Hanley & McNeil's (1982) standard error, ``SE^2 = (A (1 - A) + (n1 - 1)(Q1 - A^2) + (n0 - 1)(Q2 - A^2)) /
+    (n0 n1)``, ``Q1 = A / (2 - A)``, ``Q2 = 2 A^2 / (1 + A)`` (n1 adversarial, n0 clean), clipped to [0, 1]."""
+    if n_clean < 1 or n_adversarial < 1 or not 0 <= auc <= 1:
+        raise InvalidInputError(f"roc_auc_interval needs an AUC in [0, 1] and at least one input of each kind; got "
+                                f"{auc}, {n_clean} clean, {n_adversarial} adversarial")
+    q1, q2 = auc / (2 - auc), 2 * auc ** 2 / (1 + auc)
+    variance = (auc * (1 - auc) + (n_adversarial - 1) * (q1 - auc ** 2) + (n_clean - 1) * (q2 - auc ** 2)) / (
+        n_clean * n_adversarial)
+    half = z * math.sqrt(max(variance, 0.0))
+    return max(0.0, auc - half), min(1.0, auc + half)
 
 
 def tpr_at_fpr(clean_scores: Tensor, adversarial_scores: Tensor, fpr: float = 0.05) -> Proportion:

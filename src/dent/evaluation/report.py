@@ -30,7 +30,7 @@ import torch
 
 from dent.errors import DentError
 from dent.evaluation import plots, security
-from dent.evaluation.detection import roc_auc, tpr_at_fpr
+from dent.evaluation.detection import roc_auc, roc_auc_interval, tpr_at_fpr
 from dent.evaluation.rundir import find_store, load_run_config
 from dent.evaluation.store import ResultStore, read_records
 from dent.evaluation.summary import (
@@ -205,11 +205,13 @@ def detection_rows(summary: Summary) -> list[dict[str, Any]]:
                 continue
             fooled = [margin for margin, wrong in pr.detection if wrong]
             tpr = tpr_at_fpr(torch.tensor(clean), torch.tensor(fooled), DETECTION_FPR) if fooled else None
+            auc = roc_auc(torch.tensor(clean), torch.tensor(fooled)) if fooled else None
             out.append({
                 "model": row.model, "defense": row.defense, "attack": label,
                 "clean_rejected": sum(m > 0 for m in clean), "n_clean": len(clean),
                 "adversarial_rejected": sum(m > 0 for m, _ in pr.detection), "n_adversarial": len(pr.detection),
-                "n_fooled": len(fooled), "fooled_rejected": sum(m > 0 for m in fooled), "roc_auc": roc_auc(torch.tensor(clean), torch.tensor(fooled)) if fooled else None,
+                "n_fooled": len(fooled), "fooled_rejected": sum(m > 0 for m in fooled), "roc_auc": auc,
+                "roc_auc_interval": None if auc is None else list(roc_auc_interval(auc, len(clean), len(fooled))),
                 "tpr": None if tpr is None else {"count": tpr.count, "n": tpr.n, "interval": list(tpr.interval)},
             })
     return out
@@ -221,7 +223,7 @@ def detection_table(summary: Summary) -> Optional[str]:
     if not rows:
         return None
     header = ["defense", "attack point", "clean rejected", "adversarial rejected", "fooling the classifier",
-              "of those rejected", "ROC AUC", f"TPR at {100 * DETECTION_FPR:g}% FPR (%)"]
+              "of those rejected", "ROC AUC [95%]", f"TPR at {100 * DETECTION_FPR:g}% FPR (%)"]
     lines = []
     for r in rows:
         tpr = r["tpr"]
@@ -229,7 +231,8 @@ def detection_table(summary: Summary) -> Optional[str]:
                                               f"{100 * tpr['interval'][1]:.1f}]")
         lines.append([f"{r['model']} / {r['defense']}", r["attack"], f"{r['clean_rejected']}/{r['n_clean']}",
                       f"{r['adversarial_rejected']}/{r['n_adversarial']}", str(r["n_fooled"]), str(r["fooled_rejected"]),
-                      "n/a" if r["roc_auc"] is None else f"{r['roc_auc']:.3f}", tpr_text])
+                      "n/a" if r["roc_auc"] is None else
+                      f"{r['roc_auc']:.3f} [{r['roc_auc_interval'][0]:.3f}, {r['roc_auc_interval'][1]:.3f}]", tpr_text])
     return _table(header, lines)
 
 

@@ -28,9 +28,10 @@ from dent.defenses.detection import Detector, layer_names
 from dent.defenses.detection.base import scores_of
 from dent.defenses.detection.stored import DETECTOR_CLASSES, DETECTOR_DIR, save_detector
 from dent.errors import ConfigError, CorruptFileError
-from dent.evaluation.detection import roc_auc, tpr_at_fpr
+from dent.evaluation.detection import roc_auc, roc_auc_interval, tpr_at_fpr
 from dent.outputs import writing
-from dent.provenance import cpu_model_name, write_run_metadata
+from dent.evaluation.summary import machine_text
+from dent.provenance import write_run_metadata
 from dent.training.adversaries import pgd_examples
 from dent.training.config import TrainConfig
 from dent.training.recipes import RECIPES
@@ -127,10 +128,12 @@ def kept_examples(file: Path, key: str) -> list[torch.Tensor]:
 def successful_pairs(model: nn.Module, clean: torch.Tensor, adversarial: torch.Tensor, labels: torch.Tensor,
                      batch_size: int) -> torch.Tensor:
     """[N] bool: the model classifies the clean image correctly and its adversarial example wrongly."""
-    with torch.no_grad():
-        right = torch.cat([model(x).argmax(1) for x in clean.split(batch_size)]) == labels
-        fooled = torch.cat([model(x).argmax(1) for x in adversarial.split(batch_size)]) != labels
-    return right & fooled
+    from dent.evaluation.accuracy import predict
+
+    device, labels_cpu = labels.device, labels.cpu()
+    right = predict(model, clean, batch_size, device, progress=False) == labels_cpu
+    fooled = predict(model, adversarial, batch_size, device, progress=False) != labels_cpu
+    return (right & fooled).to(device)
 
 
 def fit(detector: Detector, cfg: TrainConfig, clean: torch.Tensor, adversarial: torch.Tensor,
@@ -153,6 +156,11 @@ def alternate_within_classes(labels: torch.Tensor) -> torch.Tensor:
     for label in labels.unique():
         chosen[torch.nonzero(labels == label).flatten()[::2]] = True
     return chosen
+
+
+def read_provenance(run_dir: Path) -> dict[str, Any]:
+    """The ``provenance.json`` written at the start of the run (machine and numerics)."""
+    return json.loads((run_dir / "provenance.json").read_text())
 
 
 def fit_detector(cfg: TrainConfig, *, data: Optional[TrainData] = None, model: Optional[nn.Module] = None,
@@ -189,7 +197,7 @@ def fit_detector(cfg: TrainConfig, *, data: Optional[TrainData] = None, model: O
     metrics = holdout_metrics(detector, cfg, clean_holdout, adversarial_holdout[keep_holdout])
     metrics.update(n_fit_pairs=int(keep.sum()), n_train_images=len(keep), wall_time_s=round(time.time() - start, 1),
                    pgd_batches_resumed=resumed,
-                   machine=machine_line(device), date=time.strftime("%Y-%m-%d", time.gmtime()),
+                   machine=f"{machine_text(read_provenance(run_dir))}, float32", date=time.strftime("%Y-%m-%d", time.gmtime()),
                    command=command or "", watched=cfg.model.arch, config_hash=cfg.result_hash())
     save_detector(detector, recipe.detector, detector_params(cfg), run_dir / DETECTOR_FILE)
     with writing(run_dir / METRICS_FILE, "detector metrics"):
@@ -199,27 +207,21 @@ def fit_detector(cfg: TrainConfig, *, data: Optional[TrainData] = None, model: O
     return DetectorResult(run_dir, detector, metrics)
 
 
-def machine_line(device: torch.device) -> str:
-    """Where the detector was fitted: CPU model and capability (or the GPU), float32, threads."""
-    from dent.runtime import cpu_capability
-
-    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"{cpu_model_name()}, CPU capability {cpu_capability()['capability']}")
-    return f"{where}, float32, {torch.get_num_threads()} thread(s)"
-
-
 def holdout_metrics(detector: Detector, cfg: TrainConfig, clean: torch.Tensor,
                     adversarial: torch.Tensor) -> dict[str, Any]:
     """ROC AUC and the true-positive rate at the calibrated threshold, held-out clean vs successful PGD examples."""
     clean_scores = scores_of(detector, clean, cfg.train.batch_size)
     if len(adversarial) == 0:
         return {"threshold": float(detector.threshold), "fpr": cfg.train.detector.fpr, "n_clean": len(clean),
-                "n_adversarial": 0, "roc_auc": float("nan"), "tpr": float("nan"), "tpr_interval": None}
+                "n_adversarial": 0, "roc_auc": float("nan"), "roc_auc_interval": None, "tpr": float("nan"),
+                "tpr_interval": None}
     adversarial_scores = scores_of(detector, adversarial, cfg.train.batch_size)
     tpr = tpr_at_fpr(clean_scores, adversarial_scores, cfg.train.detector.fpr)
+    auc = roc_auc(clean_scores, adversarial_scores)
     return {"threshold": float(detector.threshold), "fpr": cfg.train.detector.fpr,
             "measured_fpr": float((clean_scores > detector.threshold).double().mean()), "n_clean": len(clean),
-            "n_adversarial": len(adversarial), "roc_auc": roc_auc(clean_scores, adversarial_scores),
+            "n_adversarial": len(adversarial), "roc_auc": auc,
+            "roc_auc_interval": list(roc_auc_interval(auc, len(clean), len(adversarial))),
             "tpr": tpr.value, "tpr_interval": list(tpr.interval)}
 
 
@@ -244,6 +246,8 @@ def export_detector(run_dir: Path, name: str, directory: Optional[Path] = None) 
 def detector_card(name: str, metrics: dict[str, Any], config: str) -> str:
     """The card of a stored detector: what it watches, how it was fitted, what it measured held out."""
     low, high = metrics["tpr_interval"] or (float("nan"), float("nan"))
+    auc_low, auc_high = metrics.get("roc_auc_interval") or (None, None)  # cards written before it had none
+    auc_interval = f" [95% interval {auc_low:.3f}, {auc_high:.3f}]" if auc_low is not None else ""
     resumed = (f" (the PGD examples of {metrics['pgd_batches_resumed']} batches were made by an earlier run and "
                "kept in its run directory: their time is not included)" if metrics.get("pgd_batches_resumed") else "")
     return f"""# {name}
@@ -259,7 +263,7 @@ records its weights digest).
 - Threshold {metrics['threshold']:.6g}, set at {100 * metrics['fpr']:.1f}% false positives on {metrics['n_clean']}
   held-out clean training images.
 - Held out ({metrics['n_clean']} clean, {metrics['n_adversarial']} successful PGD examples of the training
-  attack): ROC AUC {metrics['roc_auc']:.3f}; true-positive rate at the threshold {100 * metrics['tpr']:.1f}%
+  attack): ROC AUC {metrics['roc_auc']:.3f}{auc_interval}; true-positive rate at the threshold {100 * metrics['tpr']:.1f}%
   [95% interval {100 * low:.1f}, {100 * high:.1f}]. These are detector-unaware examples: the attack that
   broke detectors (docs/defenses.md, Detection) is measured by the security tables.
 
