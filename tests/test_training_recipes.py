@@ -12,16 +12,17 @@ import torch.nn.functional as F
 from dent.training.adversaries import pgd_examples
 from dent.training.recipes import RECIPES, StepContext, alp_loss, trades_loss
 from dent.training.trainer import Trainer, carve_holdout
-from training_support import build_tiny, one_thread, synthetic_split, tiny_config, tiny_net  # noqa: F401
+from training_support import build_tiny, builder_for, one_thread, synthetic_split, tiny_config, tiny_net  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ALL_RECIPES = ["nominal", "pgd", "fgsm_rs", "trades", "alp", "temperature", "distillation", "gradient_penalty", "dynat"]
+ALL_RECIPES = ["nominal", "pgd", "fgsm_rs", "trades", "alp", "temperature", "distillation", "gradient_penalty", "dynat",
+               "pixelcnn"]
 #: Recipes that fit a detector around a trained model instead (tests/test_detection_training.py)
 DETECTOR_RECIPES = ["kde_detector", "subnetwork_detector"]
 #: Recipes that need more than a config (distillation: a trained teacher; tests/test_training_regularizers.py)
 SELF_CONTAINED = [r for r in ALL_RECIPES if r != "distillation"]
-NOT_ADVERSARIAL = ("nominal", "temperature", "gradient_penalty")
+NOT_ADVERSARIAL = ("nominal", "temperature", "gradient_penalty", "pixelcnn")
 
 
 def recipe_loss(trainer: Trainer, model, extras, images, labels, seed: int = 123) -> float:
@@ -43,9 +44,10 @@ def test_all_recipes_registered():
 )
 def test_one_short_epoch_lowers_the_training_loss(recipe, norm, tmp_path):
     eps = "8/255" if norm == "Linf" else "0.5"
-    cfg = tiny_config(recipe, "train.attack.norm", norm, "train.attack.eps", eps)
+    density = ["train.optimizer", "adam", "train.lr", "0.01"] if recipe == "pixelcnn" else []  # as its config
+    cfg = tiny_config(recipe, "train.attack.norm", norm, "train.attack.eps", eps, *density)
     data = carve_holdout(synthetic_split(240), cfg.train)  # 200 training images, 10 steps of 20
-    trainer = Trainer(cfg, data, run_dir=tmp_path / "run", build=build_tiny, console=False)
+    trainer = Trainer(cfg, data, run_dir=tmp_path / "run", build=builder_for(recipe), console=False)
     trainer.setup()
     before = recipe_loss(trainer, trainer.model, trainer.extras, data.train.images, data.train.labels)
     result = trainer.run()

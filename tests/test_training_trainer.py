@@ -12,7 +12,7 @@ from dent.training.config import Schedule
 from dent.training.trainer import (
     CHECKPOINT_FILE, ResumeError, Trainer, carve_holdout, load_checkpoint, lr_factor, steps_per_epoch, train,
 )
-from training_support import build_tiny, one_thread, synthetic_split, tiny_config  # noqa: F401
+from training_support import build_tiny, builder_for, one_thread, synthetic_split, tiny_config  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,13 +40,14 @@ RESUME_CASES = {
     "dynat_inner": ["train.dynat.inner", "true", "train.attack.steps", "2", "train.dynat.guide_lr", "0.05"],
     "trades_l2_bn_train": ["train.attack.norm", "L2", "train.attack.eps", "0.5", "train.attack.steps", "2",
                            "train.attack.bn_mode", "train"],
+    "pixelcnn_adam": ["train.optimizer", "adam", "train.lr", "0.01"],
 }
 
 
 @pytest.mark.parametrize("case", RESUME_CASES)
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(case, tmp_path):
-    recipe = case.split("_early")[0].split("_inner")[0].split("_l2")[0].split("_dropout")[0]
-    build = build_with_dropout if "dropout" in case else build_tiny
+    recipe = case.split("_early")[0].split("_inner")[0].split("_l2")[0].split("_dropout")[0].split("_adam")[0]
+    build = build_with_dropout if "dropout" in case else builder_for(recipe)
     cfg = tiny_config(recipe, "train.epochs", "3", "train.batch_size", "16", *RESUME_CASES[case])
     full = make(cfg, tmp_path, "full", build=build).run()
     assert full.epoch == 3 and full.status == "finished"
@@ -62,7 +63,9 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(case, tmp_path):
     ckpt_full = load_checkpoint(tmp_path / "full" / CHECKPOINT_FILE)
     ckpt_split = load_checkpoint(tmp_path / "split" / CHECKPOINT_FILE)
     for (_, sa), (_, sb) in zip(ckpt_full["optimizer"]["state"].items(), ckpt_split["optimizer"]["state"].items()):
-        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+        assert sa.keys() == sb.keys()  # SGD's momentum buffers, Adam's moments and step counts
+        for key in sa:
+            assert torch.equal(torch.as_tensor(sa[key]), torch.as_tensor(sb[key])), key
     drop_times = lambda h: [{k: v for k, v in e.items() if not k.endswith("time_s")} for e in h]  # noqa: E731
     assert drop_times(full.history) == drop_times(resumed.history)
     assert len(ckpt_split["invocations"]) == 2

@@ -23,6 +23,17 @@ def build_tiny(arch: str) -> nn.Module:
     return tiny_net()
 
 
+def build_tiny_pixelcnn(arch: str) -> nn.Module:
+    from dent.defenses.purification import PixelCNN
+
+    return PixelCNN(channels=8, layers=1)
+
+
+def builder_for(recipe: str):
+    """The tiny model a recipe trains: a classifier, or the PixelCNN of the density recipe."""
+    return build_tiny_pixelcnn if recipe == "pixelcnn" else build_tiny
+
+
 def synthetic_split(n: int, seed: int = 0, size: int = 16) -> Split:
     """Ten classes, each a distinct flat color (Linf distance >= 0.3 between classes) plus a little noise."""
     g = torch.Generator().manual_seed(seed)

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from dent.errors import CorruptFileError, DentError
+from dent.errors import CorruptFileError, DentError, InvalidInputError
 
 #: Containers that checkpoints wrap their state dict in, tried in this order.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "state")
@@ -290,3 +290,24 @@ def save_safetensors(
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)
     return path
+
+
+def stored_names(directory: Path) -> list[str]:
+    """The names of the ``.safetensors`` files stored in ``directory`` (none if it does not exist)."""
+    return sorted(p.stem for p in directory.glob("*.safetensors")) if directory.is_dir() else []
+
+
+def stored_file(checkpoint: str, directory: Path, what: str, how_to_make: str) -> Path:
+    """The file of the stored ``what`` named ``checkpoint`` in ``directory``, or ``checkpoint`` itself as the path
+    of a ``.safetensors`` file; else :class:`InvalidInputError` listing the stored ones and ``how_to_make`` one."""
+    named = directory / f"{checkpoint}.safetensors"
+    if named.is_file():
+        return named
+    path = Path(checkpoint).expanduser()
+    if path.suffix == ".safetensors" and path.is_file():
+        return path
+    raise InvalidInputError(
+        f"no trained {what} {checkpoint!r}: expected the name of a stored {what} "
+        f"({', '.join(stored_names(directory)) or 'none stored yet'}) or the path of a {what} .safetensors "
+        f"file; {how_to_make}"
+    )

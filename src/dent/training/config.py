@@ -34,6 +34,11 @@ class Schedule(str, Enum):
     CONSTANT = "constant"
 
 
+class OptimizerName(str, Enum):
+    SGD = "sgd"  # with train.momentum and train.nesterov (every classifier recipe)
+    ADAM = "adam"  # default betas; train.momentum and train.nesterov are not read (the PixelCNN recipe)
+
+
 def default_step(norm: ThreatModel, eps: float) -> float:
     """The usual PGD step: eps/4 for Linf (2/255 at 8/255), eps/5 for L2 (0.1 at 0.5)."""
     return eps / 4 if norm is ThreatModel.LINF else eps / 5
@@ -193,6 +198,8 @@ class TrainSection(Section):
     holdout: PositiveInt = 1000  # held-out images carved from the train split for per-epoch accuracy
     holdout_seed: int = 0
     augment: bool = True  # random crop (4-px zero padding) + horizontal flip, on tensors
+    # Added after runs were stored: omitted from the training hash at its default (earlier runs keep theirs).
+    optimizer: Annotated[OptimizerName, OMITTED_AT_DEFAULT] = OptimizerName.SGD
     lr: Annotated[float, Field(gt=0)] = 0.1
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     nesterov: bool = False

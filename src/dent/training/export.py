@@ -30,19 +30,8 @@ def export_reference_checkpoint(
     from dent.models.reference import CHECKPOINT_DIR
 
     run_dir = Path(run_dir)
-    path = run_dir / CHECKPOINT_FILE
-    if not path.is_file():
-        raise ExportError(f"cannot export {str(run_dir)!r}: it holds no {CHECKPOINT_FILE} (expected a dent train run directory)")
-    ckpt = load_checkpoint(path)
-    if ckpt["status"] == "running" and not allow_unfinished:
-        raise ExportError(
-            f"cannot export {str(run_dir)!r}: training stopped at epoch {ckpt['epoch']} of {ckpt['epochs']}; "
-            "finish it with `dent train ... --resume` first (or pass allow_unfinished)"
-        )
-    if not name or not all(c.isalnum() or c in "_-." for c in name):
-        raise ExportError(f"reference name {name!r}: expected letters, digits, '_', '-' or '.'")
-    out_dir = output_dir(directory if directory is not None else CHECKPOINT_DIR, "export directory",
-                         "choose another one (--export-dir DIR); the trained run is kept")
+    ckpt = finished_run(run_dir, name, allow_unfinished)
+    out_dir = export_directory(directory, CHECKPOINT_DIR)
     arch = ckpt["arch"]
     model = build_model(arch)
     model.load_state_dict(ckpt["model"])
@@ -61,6 +50,107 @@ def export_reference_checkpoint(
     card = out_dir / f"{name}.md"
     card.write_text(model_card(name, ckpt, run_dir, threat_model(train_cfg, ckpt["recipe"])), encoding="utf-8")
     return weights, card
+
+
+def finished_run(run_dir: Path, name: str, allow_unfinished: bool = False) -> dict[str, Any]:
+    """The checkpoint of the finished training run ``run_dir``, to export under ``name``."""
+    path = run_dir / CHECKPOINT_FILE
+    if not path.is_file():
+        raise ExportError(f"cannot export {str(run_dir)!r}: it holds no {CHECKPOINT_FILE} (expected a dent train run directory)")
+    ckpt = load_checkpoint(path)
+    if ckpt["status"] == "running" and not allow_unfinished:
+        raise ExportError(
+            f"cannot export {str(run_dir)!r}: training stopped at epoch {ckpt['epoch']} of {ckpt['epochs']}; "
+            "finish it with `dent train ... --resume` first (or pass allow_unfinished)"
+        )
+    if not name or not all(c.isalnum() or c in "_-." for c in name):
+        raise ExportError(f"reference name {name!r}: expected letters, digits, '_', '-' or '.'")
+    return ckpt
+
+
+def export_directory(directory: str | Path | None, default: Path) -> Path:
+    return output_dir(directory if directory is not None else default, "export directory",
+                      "choose another one (--export-dir DIR); the trained run is kept")
+
+
+def export_density_model(
+    run_dir: str | Path, name: str, *, directory: str | Path | None = None, test_images: int = 10000,
+) -> tuple[Path, Path]:
+    """Write a finished density-model run (recipe ``pixelcnn``) as ``<name>.safetensors`` (fp16) and its card
+    ``<name>.md``, with its bits per dimension on ``test_images`` images of the test split (measured here, on the
+    fp16 weights it is stored with)."""
+    from dent.data import load_split
+    from dent.defenses.purification import PURIFIER_DIR, load_density_model, save_density_model
+    from dent.training.recipes import RECIPES, heldout_bits_per_dim
+    from dent.training.config import TrainSection
+
+    run_dir = Path(run_dir)
+    ckpt = finished_run(run_dir, name)
+    out_dir = export_directory(directory, PURIFIER_DIR)
+    models = RECIPES.get(ckpt["recipe"]).models
+    if models is None:
+        raise ExportError(f"{str(run_dir)!r} trained a classifier (recipe {ckpt['recipe']}), not a density model")
+    model = models.get(ckpt["arch"])()
+    model.load_state_dict(ckpt["model"])
+    weights = save_density_model(model, ckpt["arch"], out_dir / f"{name}.safetensors", {
+        "dent.recipe": ckpt["recipe"], "dent.epochs": str(ckpt["epoch"]),
+        "dent.train_config_hash": ckpt["config_hash"],
+    })
+    data = ckpt["config"]["data"]
+    test = load_split(data["dataset"], "test", data_dir=data.get("dir"))
+    n = min(test_images, len(test))
+    cfg = TrainSection.model_validate(ckpt["config"]["train"])
+    stored = load_density_model(str(weights))
+    test_bpd = heldout_bits_per_dim(stored, test.images[:n], cfg)["heldout_bits_per_dim"]
+    card = out_dir / f"{name}.md"
+    card.write_text(density_card(name, ckpt, run_dir, model, test_bpd, n), encoding="utf-8")
+    return weights, card
+
+
+def density_card(name: str, ckpt: dict[str, Any], run_dir: Path, model: Any, test_bpd: float, n_test: int) -> str:
+    cfg, t = ckpt["config"], ckpt["config"]["train"]
+    last = ckpt["history"][-1]
+    params = sum(p.numel() for p in model.parameters())
+    lines = [
+        f"# {name}",
+        "",
+        f"{ckpt['arch']} density model ({params} parameters) trained with the dent `{ckpt['recipe']}` recipe on "
+        f"{cfg['data']['dataset']} for {ckpt['epoch']} epochs: {test_bpd:.3f} bits per dimension on {n_test} test "
+        "images (a uniform model: 8).",
+        "",
+        "## Training",
+        "",
+        f"- epochs: {ckpt['epoch']}; batch size {t['batch_size']}; {t.get('optimizer', 'sgd')} lr {t['lr']:g}, "
+        f"weight decay {t['weight_decay']:g}, {t['schedule']} schedule; seed {cfg['seed']}",
+        f"- data: {cfg['data']['dataset']} train split minus {t['holdout']} held-out images (seed {t['holdout_seed']})"
+        + (f", {t['n_images']} training images" if t["n_images"] else ""),
+        f"- wall time: {ckpt['wall_time_s']:.0f} s ({ckpt['wall_time_s'] / 3600:.2f} h)",
+        f"- training config hash: `{ckpt['config_hash']}`",
+        "",
+        *_provenance_lines(ckpt),
+        "## Likelihood",
+        "",
+        f"Test split, first {n_test} images, fp16 weights as stored: {test_bpd:.4f} bits/dim. Last epoch: training "
+        f"{last['train_loss']:.4f}, held-out {last.get('heldout_bits_per_dim', float('nan')):.4f} bits/dim.",
+        "",
+        "| epoch | train bits/dim | held-out bits/dim |",
+        "|---:|---:|---:|",
+        *[f"| {e['epoch']} | {e['train_loss']:.4f} | {e.get('heldout_bits_per_dim', float('nan')):.4f} |"
+          for e in ckpt["history"]],
+        "",
+        "## Use",
+        "",
+        "As PixelDefend's density model: `defenses: {pixeldefend: {kind: pixeldefend, density_model: "
+        f"{name}}}}}` (docs/defenses.md).",
+        "",
+        "## Full training config",
+        "",
+        "```yaml",
+        yaml.safe_dump(cfg, sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def threat_model(train_cfg: dict[str, Any], recipe: str) -> str | None:
@@ -85,6 +175,19 @@ def _eps_text(norm: str, eps: float) -> str:
     return f"{norm} eps={format_eps(eps, norm)}"
 
 
+def _provenance_lines(ckpt: dict[str, Any]) -> list[str]:
+    """The card's commands and hardware, from the run's invocations."""
+    invocations = ckpt.get("invocations", [])
+    commands = [i["command"] for i in invocations if i.get("command")] or ["(trained through the Python API)"]
+    machines = {json.dumps(i.get("machine", {}), sort_keys=True): i for i in invocations}
+    hardware = [
+        f"- {i.get('device', '?')}: {m.get('processor', '?')}, {m.get('cpu_threads', '?')} threads"
+        + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f" ({m.get('platform', '?')})"
+        for i in machines.values() for m in [i.get("machine", {})]
+    ] or ["- unknown"]
+    return ["Command(s):", "", "```", *commands, "```", "", "Hardware:", "", *hardware, ""]
+
+
 def model_card(name: str, ckpt: dict[str, Any], run_dir: Path, threat: str | None) -> str:
     cfg = ckpt["config"]
     t = cfg["train"]
@@ -95,14 +198,6 @@ def model_card(name: str, ckpt: dict[str, Any], run_dir: Path, threat: str | Non
     attack = "" if threat is None else f" against {_eps_text(t['attack']['norm'], t['attack']['eps'])}"
     stopped = " (stopped early on catastrophic overfitting)" if ckpt["status"] == "early_stopped" else ""
     hours = ckpt["wall_time_s"] / 3600
-    invocations = ckpt.get("invocations", [])
-    commands = [i["command"] for i in invocations if i.get("command")] or ["(trained through the Python API)"]
-    machines = {json.dumps(i.get("machine", {}), sort_keys=True): i for i in invocations}
-    hardware = [
-        f"- {i.get('device', '?')}: {m.get('processor', '?')}, {m.get('cpu_threads', '?')} threads"
-        + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f" ({m.get('platform', '?')})"
-        for i in machines.values() for m in [i.get("machine", {})]
-    ] or ["- unknown"]
     kwargs = "" if threat is None else f', threat_model="{threat}"'
     lines = [
         f"# {name}",
@@ -123,16 +218,7 @@ def model_card(name: str, ckpt: dict[str, Any], run_dir: Path, threat: str | Non
         *[f"- fixed module `{key}` (e.g. the distillation teacher): {ident['module']}, weights digest `{ident['digest']}`"
           for key, ident in ckpt.get("frozen", {}).items()],
         "",
-        "Command(s):",
-        "",
-        "```",
-        *commands,
-        "```",
-        "",
-        "Hardware:",
-        "",
-        *hardware,
-        "",
+        *_provenance_lines(ckpt),
         "## Accuracy on the held-out split",
         "",
         f"Measured on the {t['holdout']} images held out from the *training* split (not the test set) after the "

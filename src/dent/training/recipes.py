@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dent.defenses.purification.pixelcnn import DENSITY_MODELS, bits_per_dim
 from dent.registry import Registry
 from dent.training.adversaries import fgsm_rs_examples, pgd_examples, trades_examples
 from dent.training.config import RECIPE_OPTIONS, PenaltyKind, TrainSection
@@ -76,6 +77,12 @@ class Recipe:
     #: a detector recipe: the detector class (dent.defenses.detection.stored.DETECTOR_CLASSES) that
     #: dent.training.detectors fits around the trained model ``model.arch``, instead of training a model
     detector: Optional[str] = None
+    #: a recipe that trains another kind of model than a classifier (a density model): the registry of factories
+    #: ``() -> nn.Module`` that ``model.arch`` names; default: the classifier architectures (dent.models)
+    models: Optional[Registry] = None
+    #: the held-out measurement of such a model, ``(model, images, cfg) -> {name: value}``, in place of clean and
+    #: PGD accuracy (``batch_size`` and the device are the trainer's)
+    evaluate: Optional[Callable[[nn.Module, torch.Tensor, TrainSection], dict[str, float]]] = None
 
 
 RECIPES: Registry[Recipe] = Registry("training recipe")
@@ -286,6 +293,25 @@ def dynat(ctx: StepContext, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         "adv_acc": _acc(logits_adv, y),
     }
     return StepOutput(target_loss + ctx.cfg.dynat.balance * guide_loss, metrics, labels)
+
+
+@torch.no_grad()
+def heldout_bits_per_dim(model: nn.Module, images: torch.Tensor, cfg: TrainSection) -> dict[str, float]:
+    """The density model's mean bits per dimension on ``images`` (in batches of ``train.eval.batch_size``)."""
+    total = sum(float(bits_per_dim(model(x), x)) * len(x) for x in images.split(cfg.eval.batch_size))
+    return {"heldout_bits_per_dim": total / len(images)}
+
+
+@recipe(
+    "pixelcnn",
+    "a PixelCNN density model of the training images (negative log-likelihood in bits per dimension), for PixelDefend",
+    adversarial=False,
+    models=DENSITY_MODELS,
+    evaluate=heldout_bits_per_dim,
+)
+def pixelcnn(ctx: StepContext, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+    loss = bits_per_dim(ctx.model(x), x)
+    return StepOutput(loss, {"bits_per_dim": loss.item()}, y)
 
 
 def _acc(logits: torch.Tensor, y: torch.Tensor) -> float:

@@ -37,7 +37,7 @@ from dent.runtime import resolve_device
 from dent.training.adversaries import model_mode
 from dent.training.augment import random_crop_flip
 from dent.threat import format_eps
-from dent.training.config import BnMode, Schedule, TrainConfig, TrainSection
+from dent.training.config import BnMode, OptimizerName, Schedule, TrainConfig, TrainSection
 from dent.training.curves import plot_curves, write_history
 from dent.training.awp import frozen_bn_statistics, perturbed, weight_perturbation
 from dent.training.recipes import RECIPES, ModelBuilder, Recipe, StepContext, StepOutput
@@ -139,13 +139,24 @@ def clean_and_pgd_accuracy(
     return clean / len(images), robust / len(images)
 
 
-def default_builder(num_classes: int) -> ModelBuilder:
+def default_builder(num_classes: int, recipe: Recipe | None = None) -> ModelBuilder:
+    """Builds ``model.arch``: a classifier architecture with ``num_classes`` outputs, or a model of the registry
+    ``recipe.models`` of a recipe that trains another kind of model."""
     def build(arch: str) -> nn.Module:
         from dent.models import build_model
 
+        if recipe is not None and recipe.models is not None:
+            return recipe.models.get(arch)()
         return build_model(arch, num_classes=num_classes)
 
     return build
+
+
+def make_optimizer(cfg: TrainSection, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    if cfg.optimizer is OptimizerName.ADAM:
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           weight_decay=cfg.weight_decay)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -273,7 +284,7 @@ class Trainer:
         self.data = data
         self.run_dir = Path(run_dir) if run_dir is not None else training_run_dir(cfg)
         self.device = torch.device(device) if device is not None else resolve_device(cfg.device)
-        self.build = build or default_builder(len(data.train.classes))
+        self.build = build or default_builder(len(data.train.classes), self.recipe)
         self.progress = self.tcfg.progress if progress is None else progress
         self.console = console
         self.hash = training_hash(cfg)
@@ -297,10 +308,7 @@ class Trainer:
         for name, module in self.extras.items():
             groups.append({"params": [p for p in module.parameters() if p.requires_grad],
                            "lr": self.recipe.extra_lr(self.tcfg, name)})
-        self.optimizer = torch.optim.SGD(
-            groups, lr=self.tcfg.lr, momentum=self.tcfg.momentum, nesterov=self.tcfg.nesterov,
-            weight_decay=self.tcfg.weight_decay,
-        )
+        self.optimizer = make_optimizer(self.tcfg, groups)
         total = self.tcfg.epochs * self.steps_per_epoch
         schedule, peak = self.tcfg.schedule, self.tcfg.cycle_peak
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -467,7 +475,10 @@ class Trainer:
         entry: dict[str, Any] = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
         entry.update({key: value / seen for key, value in sums.items()})
         entry["clean_acc"] = entry["robust_acc"] = None
-        if self._eval_due(epoch):
+        if self._eval_due(epoch) and self.recipe.evaluate is not None:
+            with torch.no_grad():
+                entry.update(self.recipe.evaluate(self.model, self.data.holdout.images.to(self.device), tcfg))
+        elif self._eval_due(epoch):
             entry["clean_acc"], entry["robust_acc"] = self._evaluate(self.data.holdout)
         if tcfg.early_stop.enabled:
             self._check_overfitting(epoch, entry)
@@ -594,6 +605,8 @@ def _summary(entry: dict[str, Any]) -> str:
     parts = [f"loss {entry['train_loss']:.4f}", f"lr {entry['lr']:.4g}"]
     if entry.get("clean_acc") is not None:
         parts.append(f"held-out clean {100 * entry['clean_acc']:.1f}% PGD {100 * entry['robust_acc']:.1f}%")
+    if entry.get("heldout_bits_per_dim") is not None:
+        parts.append(f"held-out {entry['heldout_bits_per_dim']:.3f} bits/dim")
     if "co_check_acc" in entry:
         parts.append(f"CO check {100 * entry['co_check_acc']:.1f}%")
     parts.append(f"{entry['epoch_time_s']:.1f}s")
@@ -623,7 +636,7 @@ def train(
     if build is None:  # fail on a bad architecture name before loading data or creating the run directory
         from dent.models import ARCHITECTURES
 
-        ARCHITECTURES.get(cfg.model.arch)
+        (RECIPES.get(cfg.train.recipe).models or ARCHITECTURES).get(cfg.model.arch)
         if RECIPES.get(cfg.train.recipe).name == "dynat" and cfg.train.dynat.guide_arch:
             ARCHITECTURES.get(cfg.train.dynat.guide_arch)
     trainer = Trainer(cfg, data if data is not None else prepare_data(cfg), run_dir=run_dir, build=build,

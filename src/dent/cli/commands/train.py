@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--export-dir", metavar="DIR", default=None,
         help="where --export writes (default: the reference slot src/dent/models/checkpoints/, for a detector "
-             "src/dent/defenses/detection/checkpoints/)",
+             "src/dent/defenses/detection/checkpoints/, for a density model src/dent/defenses/purification/checkpoints/)",
     )
 
 
@@ -50,7 +50,7 @@ def command_line(args: argparse.Namespace) -> str:
 
 #: ``dent train``'s one-line help; tests/test_training_cli.py checks it names every recipe of the registry.
 DESCRIPTION = ("train a model with a recipe (nominal, pgd, trades, fgsm_rs, alp, dynat, temperature, distillation, "
-               "gradient_penalty; resumable) or fit a detector around a trained one (kde_detector, subnetwork_detector)")
+               "gradient_penalty, pixelcnn; resumable) or fit a detector around a trained one (kde_detector, subnetwork_detector)")
 
 
 @command("train", DESCRIPTION, add_arguments, config=TrainConfig)
@@ -79,12 +79,15 @@ def run_detector(cfg: TrainConfig, args: argparse.Namespace) -> int:
 
 
 def run_model(cfg: TrainConfig, args: argparse.Namespace) -> int:
-    from dent.training.export import export_reference_checkpoint
+    from dent.training.export import export_density_model, export_reference_checkpoint
+    from dent.training.recipes import RECIPES
     from dent.training.trainer import train
 
     result = train(cfg, until_epoch=args.until_epoch, resume=args.resume_from or args.resume, command=command_line(args))
     last = next((e for e in reversed(result.history) if e.get("clean_acc") is not None), None)
     summary = f"{result.status} at epoch {result.epoch}/{cfg.train.epochs}"
+    if result.history and result.history[-1].get("heldout_bits_per_dim") is not None:
+        summary += f"; held-out {result.history[-1]['heldout_bits_per_dim']:.3f} bits/dim"
     if last is not None:
         summary += (f"; held-out clean {100 * last['clean_acc']:.2f}%, PGD {100 * last['robust_acc']:.2f}% "
                     f"(epoch {last['epoch']})")
@@ -94,6 +97,7 @@ def run_model(cfg: TrainConfig, args: argparse.Namespace) -> int:
         if result.status == "running":
             print(f"not exported: training is not finished (resume with --resume, then --export {args.export})")
         else:
-            weights, card = export_reference_checkpoint(result.run_dir, args.export, directory=args.export_dir)
+            export = export_density_model if RECIPES.get(cfg.train.recipe).models else export_reference_checkpoint
+            weights, card = export(result.run_dir, args.export, directory=args.export_dir)
             print(f"exported: {weights} and {card}")
     return 0

@@ -35,22 +35,17 @@ DETECTOR_CLASSES.register("subnetwork", SubnetworkDetector)
 
 def stored_detectors(directory: Path = DETECTOR_DIR) -> list[str]:
     """The names of the detectors stored in ``directory``."""
-    return sorted(p.stem for p in directory.glob("*.safetensors")) if directory.is_dir() else []
+    from dent.models.checkpoints import stored_names
+
+    return stored_names(directory)
 
 
 def detector_path(checkpoint: str, directory: Path = DETECTOR_DIR) -> Path:
     """The file of a stored detector's name, or ``checkpoint`` itself as a path to a ``.safetensors`` file."""
-    named = directory / f"{checkpoint}.safetensors"
-    if named.is_file():
-        return named
-    path = Path(checkpoint).expanduser()
-    if path.suffix == ".safetensors" and path.is_file():
-        return path
-    raise InvalidInputError(
-        f"no trained detector {checkpoint!r}: expected the name of a stored detector "
-        f"({', '.join(stored_detectors(directory)) or 'none stored yet'}) or the path of a detector .safetensors "
-        f"file; train one with `dent train` (recipes kde_detector, subnetwork_detector; docs/training.md)"
-    )
+    from dent.models.checkpoints import stored_file
+
+    return stored_file(checkpoint, directory, "detector", "train one with `dent train` (recipes kde_detector, "
+                       "subnetwork_detector; docs/training.md)")
 
 
 def save_detector(detector: Detector, kind: str, params: Mapping[str, Any], path: Path,
