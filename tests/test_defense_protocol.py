@@ -31,10 +31,12 @@ EXPECTED_TRAITS = {
     "feature_squeezing": Traits(differentiable=False, randomized=False, adaptive=False, cost=4.05),
     # the classifier (1) + a trained subnetwork detector reading it (1)
     "detector": Traits(differentiable=True, randomized=False, adaptive=False, cost=2.0),
+    # the classifier (1) + the pixel-by-pixel PixelCNN purification (40)
+    "pixeldefend": Traits(differentiable=False, randomized=False, adaptive=False, cost=41.0),
 }
 
 #: The keys a kind cannot build without: a pipeline's stages, a detector's calibrated threshold (a trained
-#: detector's checkpoint: the fixture ``stored_detector``).
+#: file, a detector or a density model: the fixture ``stored_files``).
 REQUIRED_KEYS = {"pipeline": {"stages": ["jpeg", "dent"]}, "feature_squeezing": {"threshold": 0.5}}
 
 #: The kinds that answer K + 1 logits, the last one "rejected" (dent.defenses.detection).
@@ -54,9 +56,24 @@ def stored_detector(tmp_path_factory) -> str:
     return str(path)
 
 
-def default_entry(kind: str, stored_detector: str):
-    required = {**REQUIRED_KEYS, "detector": {"checkpoint": stored_detector}}
-    return {"kind": kind, **required.get(kind, {})}
+@pytest.fixture(scope="module")
+def stored_density_model(tmp_path_factory) -> str:
+    """An (untrained) PixelCNN stored like ``dent train --export`` stores a trained one."""
+    from dent.defenses.purification import DENSITY_MODELS, save_density_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("purifier") / "pixelcnn.safetensors"
+    return str(save_density_model(DENSITY_MODELS.get("pixelcnn")(), "pixelcnn", path))
+
+
+@pytest.fixture(scope="module")
+def stored_files(stored_detector, stored_density_model) -> dict[str, dict[str, str]]:
+    """The keys of the kinds that need a trained file."""
+    return {"detector": {"checkpoint": stored_detector}, "pixeldefend": {"density_model": stored_density_model}}
+
+
+def default_entry(kind: str, stored_files: dict[str, dict[str, str]]):
+    return {"kind": kind, **{**REQUIRED_KEYS, **stored_files}.get(kind, {})}
 
 
 def batch(n=4):
@@ -64,8 +81,8 @@ def batch(n=4):
 
 
 @pytest.mark.parametrize("kind", DEFENSE_KINDS.names())
-def test_every_kind_builds_from_its_default_config_and_answers_a_batch(kind, stored_detector):
-    config = parse_defense(default_entry(kind, stored_detector))
+def test_every_kind_builds_from_its_default_config_and_answers_a_batch(kind, stored_files):
+    config = parse_defense(default_entry(kind, stored_files))
     assert kind_name(config) == kind
     defense = build_defense(tiny_net(), config)
     x = batch()

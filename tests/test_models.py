@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import re
 import urllib.error
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from torch import nn
 
 import dent.models as models
 from dent.errors import ConfigError, CorruptFileError, DentError, UnknownNameError
-from dent.models import download, zoo
+from dent.models import download, reference, zoo
 from dent.models.checkpoints import CheckpointNotFoundError, load_weights, read_state_dict
 from dent.models.reference import register_reference, save_reference
 from dent.models.robustbench import ROBUSTBENCH_MODELS, robustbench_path
@@ -447,3 +448,30 @@ def test_reference_checkpoint_mechanism(tmp_path, monkeypatch):
     register_reference("mixed_up", "resnet26_1", directory=tmp_path, registry=registry)
     with pytest.raises(CorruptFileError, match="saved for architecture 'resnet26'"):
         models.load_model("mixed_up")
+
+
+REFERENCE_MODELS = [name for name, entry in models.PRETRAINED.items() if entry.kind == "reference"]
+
+
+@pytest.mark.parametrize("name", REFERENCE_MODELS)
+def test_every_reference_model_loads_by_name_with_its_card(name):
+    model = models.load_model(name)
+    with torch.no_grad():
+        logits = model(torch.rand(2, 3, 32, 32))
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+    card = reference.CHECKPOINT_DIR / f"{name}.md"
+    assert card.read_text(encoding="utf-8").startswith(f"# {name}\n")
+
+
+def test_every_stored_density_model_loads_by_name_and_its_card_states_test_bits_per_dim():
+    from dent.defenses.purification import PURIFIER_DIR, load_density_model
+    from dent.models.checkpoints import stored_names
+
+    names = stored_names(PURIFIER_DIR)
+    assert names, "PixelDefend's density model is part of the repository"
+    for name in names:
+        x = torch.rand(2, 3, 32, 32)
+        with torch.no_grad():
+            assert load_density_model(name)(x).shape == (2, 256, 3, 32, 32)
+        card = (PURIFIER_DIR / f"{name}.md").read_text(encoding="utf-8")
+        assert card.startswith(f"# {name}\n") and re.search(r"[0-9.]+ bits per dimension on \d+ test images", card)

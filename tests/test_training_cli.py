@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from dent.cli.main import main
 from dent.training.export import ExportError, export_reference_checkpoint
-from dent.training.trainer import carve_holdout, default_builder, train
-from training_support import one_thread, synthetic_split, tiny_config  # noqa: F401
+from dent.training.trainer import Trainer, carve_holdout, default_builder, train
+from eval_support import tiny_net
+from training_support import build_tiny, one_thread, synthetic_split, tiny_config  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CFG_FILES = ["nominal", "pgd", "pgd_l2", "trades", "fgsm_rs", "alp", "dynat",
-             "cpu_nominal_resnet26_1", "cpu_fgsm_rs_resnet26_1"]
+CFG_FILES = sorted(p.stem for p in Path("cfgs/train").glob("*.yaml"))
+#: The recipe of each config whose name does not start with it (a config is named after its recipe otherwise).
+RECIPE_OF = {"cpu_pgd_at_resnet26_1": "pgd", "cpu_pgd2_resnet26_1": "pgd", "cpu_awp_pgd_resnet26_1": "pgd",
+             "cpu_awp_trades_resnet26_1": "trades", "cpu_dynat_inner_resnet26_1": "dynat", "pgd_awp": "pgd",
+             "cpu_dcn_resnet26_1": "gradient_penalty", "cpu_distill_teacher_resnet26_1": "temperature",
+             "cpu_distill_student_resnet26_1": "distillation", "detector_kde_resnet18": "kde_detector",
+             "detector_subnetwork_resnet18": "subnetwork_detector", "pixelcnn_cifar10": "pixelcnn"}
 
 
 @pytest.mark.parametrize("name", CFG_FILES)
@@ -23,7 +31,8 @@ def test_shipped_configs_load(name):
     from dent.training.config import TrainConfig
 
     cfg = TrainConfig.load(f"cfgs/train/{name}.yaml")
-    assert cfg.train.recipe == name.replace("cpu_", "").replace("_resnet26_1", "").replace("_l2", "")
+    expected = RECIPE_OF.get(name, name.replace("cpu_", "").replace("_resnet26_1", "").replace("_l2", ""))
+    assert cfg.train.recipe == expected
 
 
 @pytest.mark.parametrize(
@@ -64,6 +73,37 @@ def test_cli_trains_resumes_and_refuses_another_config(tmp_path, capsys, cifar10
     assert (tmp_path / "zoo" / "cli_ref.safetensors").is_file()
     card = (tmp_path / "zoo" / "cli_ref.md").read_text()
     assert "dent train --cfg cfgs/train/cpu_fgsm_rs_resnet26_1.yaml" in card and "--resume" in card
+
+
+def test_cli_trains_a_pixelcnn_and_exports_it_with_its_test_bits_per_dim(tmp_path, capsys, cifar10_dir, monkeypatch):
+    from dent.defenses.kinds import build_defense, parse_defense
+    from dent.training import export
+
+    monkeypatch.setattr(export, "CARD_TEST_IMAGES", 16)
+    common = ["--cfg", "cfgs/train/pixelcnn_cifar10.yaml", "output.root", str(tmp_path), "output.name", "p",
+              "train.n_images", "32", "train.holdout", "16", "train.batch_size", "16", "train.epochs", "2",
+              "train.progress", "false", "data.dir", str(cifar10_dir)]
+    assert main(["train", *common, "--until-epoch", "1", "--export", "pcnn"]) == 0
+    assert "not exported: training is not finished" in capsys.readouterr().out
+    assert main(["train", *common, "--resume", "--export", "pcnn", "--export-dir", str(tmp_path / "zoo")]) == 0
+    out = capsys.readouterr().out
+    assert "finished at epoch 2/2; held-out" in out and "bits/dim" in out and "exported" in out
+    card = (tmp_path / "zoo" / "pcnn.md").read_text()
+    match = re.search(r"([0-9.]+) bits per dimension on 16 test images", card)
+    assert match and 5 < float(match.group(1)) < 8.1  # barely trained: close to a uniform model's 8
+    history = json.loads((tmp_path / "p" / "history.json").read_text())
+    assert all(e["clean_acc"] is None and 0 < e["heldout_bits_per_dim"] < 9 for e in history["epochs"])
+    weights = str(tmp_path / "zoo" / "pcnn.safetensors")
+    defense = build_defense(tiny_net(), parse_defense({"kind": "pixeldefend", "density_model": weights}))
+    assert defense(torch.rand(2, 3, 8, 8)).shape == (2, 10)
+    with pytest.raises(export.ExportError, match="not a density model"):
+        export.export_density_model(_classifier_run(tmp_path), "again", directory=tmp_path / "x")
+
+
+def _classifier_run(tmp_path):
+    cfg = tiny_config("nominal", "train.holdout", "10", "train.batch_size", "16")
+    return Trainer(cfg, carve_holdout(synthetic_split(42), cfg.train), run_dir=tmp_path / "c", build=build_tiny,
+                   console=False).run().run_dir
 
 
 def test_export_reference_checkpoint(tmp_path):

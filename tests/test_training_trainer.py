@@ -155,6 +155,18 @@ def test_early_stop_on_catastrophic_overfitting_restores_previous_weights(tmp_pa
                             "train.resume", "true"), tmp_path).run().epoch == 3  # nothing left to do
 
 
+@pytest.mark.parametrize("rule,stops", [("absolute", False), ("relative", True)])
+def test_the_relative_early_stop_rule_fires_at_low_accuracy(rule, stops, tmp_path, monkeypatch):
+    """12% -> 3% is catastrophic overfitting on a small model, yet a fall of only 0.09 points: the absolute rule
+    (drop 0.2) cannot fire there, the relative one (drop 0.5: below half the previous accuracy) does."""
+    cfg = tiny_config("fgsm_rs", "train.epochs", "3", "train.early_stop.enabled", "true",
+                      "train.early_stop.rule", rule, "train.early_stop.drop", "0.5" if rule == "relative" else "0.2")
+    accuracies = iter([0.12, 0.12, 0.03, 0.03, 0.03, 0.03])  # (eval, check) per epoch; collapse at epoch 2
+    monkeypatch.setattr(Trainer, "_evaluate", lambda self, split: (0.5, next(accuracies)))
+    result = make(cfg, tmp_path).run()
+    assert (result.status, result.epoch) == (("early_stopped", 2) if stops else ("finished", 3))
+
+
 def test_lr_schedules():
     total = 100
     assert lr_factor(Schedule.COSINE, 0, total) == 1.0

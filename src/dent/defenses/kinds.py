@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Optional
 
 from pydantic import BeforeValidator, Field, SerializeAsAny, field_validator, model_validator
@@ -23,10 +24,12 @@ from dent.defenses.config import DentConfig
 from dent.defenses.detection import FeatureSqueezing, Rejecting
 from dent.defenses.detection.stored import detector_path, load_detector
 from dent.defenses.protocol import Preprocessed
+from dent.defenses.purification import PixelDefend, density_model_path, load_density_model
 from dent.defenses.sap import SAP
 from dent.defenses.transforms import JPEG, BitDepth, MedianSmoothing, RandomResizePad, TotalVariationMin
 from dent.errors import ConfigError
 from dent.registry import Registry
+from dent.threat import PixelFloat
 
 Builder = Callable[[nn.Module, Any], nn.Module]
 
@@ -157,13 +160,19 @@ class DetectorConfig(Section):
 
     def resolved(self) -> "DetectorConfig":
         """With ``digest`` set to the checkpoint file's (a stale one given in the config is refused)."""
-        from dent.identity import file_digest
+        return with_file_digest(self, detector_path(_trained_checkpoint(self)), f"detector {self.checkpoint!r}")
 
-        digest = file_digest(detector_path(_trained_checkpoint(self)))
-        if self.digest is not None and self.digest != digest:
-            raise ConfigError(f"detector {self.checkpoint!r}: config key 'digest' is {self.digest}, but the file's "
-                              f"digest is {digest} (the detector was retrained?); drop 'digest' to use the file")
-        return self.model_copy(update={"digest": digest})
+
+def with_file_digest(config: Section, path: Path, what: str) -> Section:
+    """``config`` with its ``digest`` key set to the digest of the trained file ``path`` it names, so that results
+    are keyed by the file actually used; a different digest given in the config is refused."""
+    from dent.identity import file_digest
+
+    digest = file_digest(path)
+    if config.digest is not None and config.digest != digest:
+        raise ConfigError(f"{what}: config key 'digest' is {config.digest}, but the file's digest is {digest} "
+                          "(retrained?); drop 'digest' to use the file")
+    return config.model_copy(update={"digest": digest})
 
 
 def _trained_checkpoint(config: DetectorConfig) -> str:
@@ -174,6 +183,27 @@ def _trained_checkpoint(config: DetectorConfig) -> str:
             "'checkpoint' to NAME"
         )
     return config.checkpoint
+
+
+class PixelDefendConfig(Section):
+    """PixelDefend (Song et al. 2018): each pixel set to its most likely value under a trained PixelCNN within
+    ``eps_defend`` of the input's, before the model (dent.defenses.purification)."""
+
+    kind: Literal["pixeldefend"] = "pixeldefend"
+    # a stored density model's name (dent.defenses.purification.stored) or the path of its .safetensors file
+    density_model: str = "pixelcnn_cifar10"
+    eps_defend: PixelFloat = 16 / 255  # Song et al.: 16/255 against an 8/255 attacker on CIFAR-10
+    # the file's digest, filled in when the run is resolved: results are keyed by the density model actually used
+    digest: Optional[str] = None
+
+    @field_validator("density_model")
+    @classmethod
+    def _stored(cls, value: str) -> str:
+        density_model_path(value)  # an unknown name or missing file is a config error, listing the stored ones
+        return value
+
+    def resolved(self) -> "PixelDefendConfig":
+        return with_file_digest(self, density_model_path(self.density_model), f"density model {self.density_model!r}")
 
 
 class PipelineConfig(Section):
@@ -217,7 +247,7 @@ def resolved_defense(config: Section, device: Any) -> Section:
         return config.resolved(device)
     if isinstance(config, PipelineConfig):
         return config.model_copy(update={"stages": [resolved_defense(stage, device) for stage in config.stages]})
-    if isinstance(config, DetectorConfig):
+    if isinstance(config, (DetectorConfig, PixelDefendConfig)):
         return config.resolved()
     return config
 
@@ -274,4 +304,6 @@ _transform_kind("resize_pad", ResizePadConfig, lambda c: RandomResizePad(c.min_s
 register_kind("sap", SAPConfig, lambda model, c: SAP(model, c.fraction))
 register_kind("feature_squeezing", FeatureSqueezingConfig, _build_feature_squeezing)
 register_kind("detector", DetectorConfig, _build_detector)
+_transform_kind("pixeldefend", PixelDefendConfig,
+                lambda c: PixelDefend(load_density_model(c.density_model), c.eps_defend))
 register_kind("pipeline", PipelineConfig, _build_pipeline)

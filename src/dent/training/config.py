@@ -166,11 +166,24 @@ class DetectorSection(Section):
     lr: Annotated[float, Field(gt=0)] = 1e-3
 
 
+class DropRule(str, Enum):
+    """How ``train.early_stop.drop`` measures a fall of held-out PGD accuracy between two epochs."""
+
+    ABSOLUTE = "absolute"  # in accuracy points: 0.2 stops on 40% -> 19%, never on 12% -> 0% (Wong et al.)
+    RELATIVE = "relative"  # as a fraction of the previous accuracy: 0.5 stops on 12% -> 5.9%, at any level
+
+    def fell(self, previous: float, current: float, drop: float) -> bool:
+        floor = previous - drop if self is DropRule.ABSOLUTE else previous * (1 - drop)
+        return current < floor
+
+
 class EarlyStopSection(Section):
     """Stop on catastrophic overfitting (Wong et al. 2020): held-out PGD accuracy collapses between epochs."""
 
     enabled: bool = False
     drop: Annotated[float, Field(gt=0, le=1)] = 0.2  # stop when PGD accuracy falls by more than this since last epoch
+    # Added after runs were stored: omitted from the training hash at its default (earlier runs keep theirs).
+    rule: Annotated[DropRule, OMITTED_AT_DEFAULT] = DropRule.ABSOLUTE
     n_images: PositiveInt = 256  # the held-out batch checked (the first images of the held-out split)
 
 

@@ -73,8 +73,12 @@ def export_directory(directory: str | Path | None, default: Path) -> Path:
                       "choose another one (--export-dir DIR); the trained run is kept")
 
 
+#: The test images a density model's card measures its bits per dimension on (all of CIFAR-10's).
+CARD_TEST_IMAGES = 10000
+
+
 def export_density_model(
-    run_dir: str | Path, name: str, *, directory: str | Path | None = None, test_images: int = 10000,
+    run_dir: str | Path, name: str, *, directory: str | Path | None = None, test_images: int | None = None,
 ) -> tuple[Path, Path]:
     """Write a finished density-model run (recipe ``pixelcnn``) as ``<name>.safetensors`` (fp16) and its card
     ``<name>.md``, with its bits per dimension on ``test_images`` images of the test split (measured here, on the
@@ -98,7 +102,7 @@ def export_density_model(
     })
     data = ckpt["config"]["data"]
     test = load_split(data["dataset"], "test", data_dir=data.get("dir"))
-    n = min(test_images, len(test))
+    n = min(test_images or CARD_TEST_IMAGES, len(test))
     cfg = TrainSection.model_validate(ckpt["config"]["train"])
     stored = load_density_model(str(weights))
     test_bpd = heldout_bits_per_dim(stored, test.images[:n], cfg)["heldout_bits_per_dim"]
@@ -143,12 +147,7 @@ def density_card(name: str, ckpt: dict[str, Any], run_dir: Path, model: Any, tes
         "As PixelDefend's density model: `defenses: {pixeldefend: {kind: pixeldefend, density_model: "
         f"{name}}}}}` (docs/defenses.md).",
         "",
-        "## Full training config",
-        "",
-        "```yaml",
-        yaml.safe_dump(cfg, sort_keys=False).rstrip(),
-        "```",
-        "",
+        *_config_lines(cfg),
     ]
     return "\n".join(lines)
 
@@ -186,6 +185,10 @@ def _provenance_lines(ckpt: dict[str, Any]) -> list[str]:
         for i in machines.values() for m in [i.get("machine", {})]
     ] or ["- unknown"]
     return ["Command(s):", "", "```", *commands, "```", "", "Hardware:", "", *hardware, ""]
+
+
+def _config_lines(cfg: dict[str, Any]) -> list[str]:
+    return ["## Full training config", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).rstrip(), "```", ""]
 
 
 def model_card(name: str, ckpt: dict[str, Any], run_dir: Path, threat: str | None) -> str:
@@ -243,11 +246,6 @@ def model_card(name: str, ckpt: dict[str, Any], run_dir: Path, threat: str | Non
         f'register_reference("{name}", "{arch}"{kwargs})',
         "```",
         "",
-        "## Full training config",
-        "",
-        "```yaml",
-        yaml.safe_dump(cfg, sort_keys=False).rstrip(),
-        "```",
-        "",
+        *_config_lines(cfg),
     ]
     return "\n".join(lines)

@@ -539,14 +539,14 @@ class Trainer:
         _, acc = self._evaluate(batch)
         entry["co_check_acc"] = acc
         prev = self.state.co_prev_acc
-        if prev is not None and acc < prev - es.drop and self.co_prev_model is not None:
+        if prev is not None and es.rule.fell(prev, acc, es.drop) and self.co_prev_model is not None:
             self.model.load_state_dict(self.co_prev_model)
             self.state.status = "early_stopped"
             entry["early_stopped"] = True
             log.warning(
                 "catastrophic overfitting at epoch %d: PGD accuracy on %d held-out images fell from %.1f%% to %.1f%% "
-                "(more than train.early_stop.drop=%g); stopping and keeping the weights of epoch %d",
-                epoch, len(batch), 100 * prev, 100 * acc, es.drop, epoch - 1,
+                "(more than train.early_stop.drop=%g, %s); stopping and keeping the weights of epoch %d",
+                epoch, len(batch), 100 * prev, 100 * acc, es.drop, es.rule.value, epoch - 1,
             )
             entry["clean_acc"], entry["robust_acc"] = self._evaluate(self.data.holdout)  # of the weights kept
             return
