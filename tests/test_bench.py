@@ -246,3 +246,15 @@ def test_fast_path_agreement_on_real_images(cifar10_dir):
     assert abs(agreement["accuracy"] - agreement["fp32_accuracy"]) <= 0.05
     fast = next(r for r in result["rows"] if r["mode"] == "dent+_fast")
     assert fast["vs_fp32"]["argmax_agreement"] >= 0.9
+
+
+def test_bench_dry_run_prints_the_plan_and_an_estimate_and_times_nothing(tmp_path, capsys):
+    from dent.cli.main import main
+
+    code = main(["bench", "--dry-run", "bench.model", "resnet26_1", "bench.data", "random", "bench.batch_sizes", "[4]",
+                 "bench.steps", "[2]", "bench.modes", "[dent, dent+_fast]", "output.root", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "model resnet26_1 (random weights: timing only); 2 timed configurations" in out
+    assert "agreement of dent+_fast with float32 on 1000 images" in out and "estimate:" in out
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -148,3 +148,26 @@ def test_shipped_resnet18_clean_accuracy(cifar10_dir, tmp_path):
     acc = clean_accuracy(load_model("autoattack_resnet18"), data.images, data.labels, batch_size=250, progress=False)
     torch.set_num_threads(1)
     assert acc >= 0.80, acc
+
+
+def test_version_and_provenance_name_the_source_commit(capsys, tmp_path):
+    import dent
+    from pathlib import Path
+
+    from dent.provenance import write_run_metadata
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"dent {dent.__version__}")
+    write_run_metadata(tmp_path, {"device": "cpu"})
+    source = json.loads((tmp_path / "provenance.json").read_text())["source"]
+    assert source["version"] == dent.__version__
+    repo = Path(dent.__file__).resolve().parents[2]
+    if (repo / ".git").exists():  # a checkout (CI's clone, pip install -e): the exact commit and a dirty flag
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+        assert source["commit"] == head.strip() and isinstance(source["dirty"], bool)
+        assert f"commit {head.strip()[:12]}" in out
+    else:
+        assert source["commit"] is None and "commit" not in out

@@ -60,3 +60,14 @@ def test_the_official_dent_plus_security_config_is_security_yaml_with_that_defen
     assert child.defenses["dent_plus_official"] == parent.defenses["dent_plus_official"]
     assert child.model_copy(update={"defenses": parent.defenses}) == parent
     assert "base" in read_yaml(CFGS / "security_dent_plus_official.yaml")
+
+
+def test_an_override_below_a_defense_the_config_does_not_define_is_refused():
+    with pytest.raises(ConfigError) as error:
+        EvaluateConfig.load("cfgs/dent_plus.yaml", ["defenses.dent_pluss.steps", "2"])  # a typo of dent_plus
+    message = str(error.value)
+    assert "no defenses entry 'dent_pluss'" in message and "defined: static, dent_plus" in message
+    assert "'defenses.dent_pluss={steps: ...}'" in message  # how to add one on purpose
+    cfg = EvaluateConfig.load("cfgs/dent_plus.yaml", ["defenses.dent_plus.steps", "2", "defenses.mine={steps: 2}"])
+    assert cfg.defenses["dent_plus"].steps == 2 and cfg.defenses["mine"].steps == 2
+    assert list(cfg.defenses) == ["static", "dent_plus", "mine"]

@@ -113,3 +113,19 @@ def test_every_experiment_config_is_valid():
     for name in names + ["main.yaml", "figure4.yaml"]:
         cfg = EvaluateConfig.load(REPO / "cfgs" / name)
         assert cfg.attack.points() and cfg.defenses, name
+
+
+def test_dry_run_prints_the_units_and_an_estimate_and_runs_nothing(capsys, small):
+    args = ["evaluate", "--cfg", REPO / "cfgs" / "main.yaml", *small_args(small, "dry")]
+    code, out, err = run_cli(capsys, *args, "--dry-run")
+    assert code == 0, err
+    run_dir = small["root"] / "runs" / "dry"
+    assert not run_dir.exists()  # nothing written
+    assert "model:\n  arch: resnet26_1" in out  # the resolved config
+    # 3 defenses x (clean + AutoAttack) x 2 batches of 4
+    assert "units: 12 planned, 0 already stored, 12 to run" in out
+    assert "| static | dent | 4 |" in out and "estimate:" in out
+    # after the real run, its units count as stored and nothing is left to time
+    assert run_cli(capsys, *args)[0] == 0
+    code, out, _ = run_cli(capsys, *args, "--dry-run")
+    assert code == 0 and "units: 12 planned, 12 already stored, 0 to run" in out and "| static |" not in out

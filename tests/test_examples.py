@@ -44,3 +44,23 @@ def test_calibrate_detector_example_names_a_bad_argument():
         done = subprocess.run([sys.executable, str(EXAMPLES / "calibrate_detector.py"), *args], capture_output=True,
                               text=True, timeout=120)
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, args
+
+
+def test_autoattack_on_dent_example_runs_at_a_tiny_budget(cifar10_dir):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(EXAMPLES / "autoattack_on_dent.py"), "--n-images", "8", "--steps", "1",
+                           "--n-iter", "2", "--batch-size", "8", "--eps", "8/255"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if " of 8 images" in line]
+    assert [line.split(":")[0] for line in lines] == ["clean", "APGD-CE + APGD-T"]
+    clean, robust = (float(line.split(": ")[1].split("%")[0]) for line in lines)
+    assert 0 <= robust <= clean <= 100
+
+
+def test_autoattack_on_dent_example_names_a_bad_argument():
+    for args, message in [(["--eps", "abc"], "--eps: expected a number or a fraction like 8/255, got 'abc'"),
+                          (["--steps", "0"], "--steps must be >= 1, got 0"), (["--model", "nope"], "unknown model 'nope'")]:
+        done = subprocess.run([sys.executable, str(EXAMPLES / "autoattack_on_dent.py"), *args], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, args

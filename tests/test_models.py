@@ -475,3 +475,11 @@ def test_every_stored_density_model_loads_by_name_and_its_card_states_test_bits_
             assert load_density_model(name)(x).shape == (2, 256, 3, 32, 32)
         card = (PURIFIER_DIR / f"{name}.md").read_text(encoding="utf-8")
         assert card.startswith(f"# {name}\n") and re.search(r"[0-9.]+ bits per dimension on \d+ test images", card)
+
+
+def test_load_model_takes_robustbench_s_dataset_and_threat_model_keywords():
+    spelled = models.load_model("resnet26_1_nominal", dataset="cifar10", threat_model="Linf")
+    plain = models.load_model("resnet26_1_nominal")
+    assert all(torch.equal(a, b) for a, b in zip(spelled.state_dict().values(), plain.state_dict().values()))
+    with pytest.raises(ConfigError, match="dataset='cifar100'.*cifar10 only"):
+        models.load_model("resnet26_1_nominal", dataset="cifar100")

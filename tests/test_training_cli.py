@@ -144,3 +144,17 @@ def test_export_refuses_unfinished_runs(tmp_path):
         export_reference_checkpoint(tmp_path / "run", "x", directory=tmp_path / "zoo")
     with pytest.raises(ExportError, match="no checkpoint.pt"):
         export_reference_checkpoint(tmp_path / "nothing", "x", directory=tmp_path / "zoo")
+
+
+def test_train_dry_run_prints_the_plan_and_an_estimate_and_trains_nothing(tmp_path, capsys, cifar10_dir):
+    args = ["train", "--cfg", "cfgs/train/cpu_pgd_at_resnet26_1.yaml", "output.root", str(tmp_path), "output.name", "d",
+            "train.n_images", "32", "train.holdout", "16", "train.batch_size", "16", "train.epochs", "2",
+            "train.eval.steps", "1", "train.progress", "false", "data.dir", str(cifar10_dir)]
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "recipe: pgd" in out  # the resolved config
+    assert "2 steps of 16 per epoch, epochs 1..2 of 2 to run" in out and "estimate:" in out
+    assert not (tmp_path / "d").exists()
+    assert main([*args, "--until-epoch", "1"]) == 0
+    assert main([*args, "--dry-run"]) == 0
+    assert "epochs 2..2 of 2 to run (a checkpoint at epoch 1 exists: pass --resume)" in capsys.readouterr().out

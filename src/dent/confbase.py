@@ -100,6 +100,14 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     Keys are dotted and case-insensitive (``MODEL.ARCH`` == ``model.arch``); values are parsed as YAML
     scalars or lists (``10``, ``true``, ``[1, 2]``), so ``8/255`` stays a string for the fraction parser.
     """
+    nested: dict[str, Any] = {}
+    for key, value in override_pairs(items):
+        set_dotted(nested, key, parse_value(value))
+    return nested
+
+
+def override_pairs(items: Iterable[str]) -> list[tuple[str, str]]:
+    """The ``(dotted key, value text)`` pairs of ``KEY VALUE`` / ``KEY=VALUE`` override items, in order."""
     items = list(items)
     flat: list[tuple[str, str]] = []
     i = 0
@@ -114,10 +122,7 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
         else:
             raise ConfigError(f"override {item!r} has no value; write 'KEY VALUE' or 'KEY=VALUE'")
         flat.append((key, value))
-    nested: dict[str, Any] = {}
-    for key, value in flat:
-        set_dotted(nested, key, parse_value(value))
-    return nested
+    return flat
 
 
 def parse_value(text: str) -> Any:

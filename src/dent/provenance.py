@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import platform
 import re
+import subprocess
 import sys
 from datetime import datetime, timezone
 from importlib import metadata
@@ -32,6 +33,44 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
+
+
+#: The source tree of the running dent when it runs from a checkout (``pip install -e``): ``<root>/src/dent``.
+SOURCE_DIR = Path(__file__).resolve().parents[2]
+
+
+def source_description() -> dict[str, Any]:
+    """The code that produces a result: dent's version and, when it runs from a git checkout, the commit and
+    whether the working tree had changes (``dirty``: the commit alone does not reproduce the result)."""
+    info: dict[str, Any] = {"version": _dent_version(), "commit": None, "dirty": None}
+    if Path(__file__).resolve().parent != SOURCE_DIR / "src" / "dent" or not (SOURCE_DIR / ".git").exists():
+        return info  # installed into site-packages: whatever repository encloses it is not dent's source
+    try:
+        commit = _git("rev-parse", "HEAD")
+        status = _git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return info  # not a checkout (an installed wheel) or no git
+    info.update(commit=commit, dirty=bool(status))
+    return info
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", "-C", str(SOURCE_DIR), *args], capture_output=True, text=True, timeout=10, check=True)
+    return done.stdout.strip()
+
+
+def _dent_version() -> str:
+    from dent import __version__
+
+    return __version__
+
+
+def version_text() -> str:
+    """``dent --version``: the version, and the commit of a git checkout (``+dirty`` with local changes)."""
+    source = source_description()
+    if source["commit"] is None:
+        return f"dent {source['version']}"
+    return f"dent {source['version']} (commit {source['commit'][:12]}{'+dirty' if source['dirty'] else ''})"
 
 
 def machine_description() -> dict[str, Any]:
@@ -95,6 +134,7 @@ def write_run_metadata(run_dir: Path, config: dict[str, Any]) -> None:
     provenance = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": library_versions(),
+        "source": source_description(),
         "machine": machine_description(),
         "numerics": numerics_description(str(config.get("device", "auto"))),
         "argv": sys.argv,

@@ -14,7 +14,7 @@ from typing import Annotated, Any, ClassVar, Iterable, Optional, TypeVar
 
 from pydantic import AfterValidator, Field
 
-from dent.confbase import NON_RESULT, Section, deep_merge, parse_overrides, read_yaml, validated
+from dent.confbase import NON_RESULT, Section, deep_merge, override_pairs, parse_overrides, read_yaml, validated
 from dent.errors import ConfigError
 from dent.identity import flat_hash, result_tree
 from dent.runtime import DEVICE_CHOICES
@@ -81,6 +81,10 @@ class CommandConfig(Section):
 
     #: Sections that a config file replaces as a whole instead of merging into the defaults (named lists).
     replaced_whole: ClassVar[frozenset[str]] = frozenset()
+    #: Sections of entries the config names (``defenses``): an override below a name the config does not define
+    #: (``defenses.dent_pluss.steps 2``) is an error, not a new entry; a new entry is given whole
+    #: (``'defenses.mine={steps: 2}'``).
+    named_entries: ClassVar[tuple[str, ...]] = ()
     #: Dotted keys of the former all-commands config that this command does not have. Configs written by it
     #: (``config.yaml`` files, stored run configs) still load: these keys are dropped from them.
     legacy_keys: ClassVar[tuple[str, ...]] = ()
@@ -104,7 +108,21 @@ class CommandConfig(Section):
         """
         file_data = cls.read_file(cfg_file) if cfg_file is not None else dict(file_defaults or {})
         data = cls.merged(cls().to_dict(), cls.without_legacy_keys(file_data))
+        cls.check_named_entries(data, [key for key, _ in override_pairs(overrides)])
         return validated(cls, deep_merge(data, parse_overrides(overrides)))
+
+    @classmethod
+    def check_named_entries(cls, data: dict[str, Any], keys: Iterable[str]) -> None:
+        """Refuse an override key below an entry of :attr:`named_entries` that ``data`` does not define."""
+        for key in keys:
+            section, _, rest = key.strip().lower().partition(".")
+            name, _, below = rest.partition(".")
+            if section in cls.named_entries and below and name not in data.get(section, {}):
+                defined = ", ".join(data.get(section, {})) or "none"
+                raise ConfigError(
+                    f"override {key!r}: the config defines no {section} entry {name!r} (defined: {defined}); "
+                    f"to add one on purpose, give the whole entry, e.g. '{section}.{name}={{{below}: ...}}'"
+                )
 
     @classmethod
     def read_file(cls, path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:

@@ -78,7 +78,7 @@ def _reset_dynamic_check() -> None:
 DEFAULT_BUDGET = {"n_iter": 100, "n_restarts": 1, "n_target_classes": 9}
 
 
-def _set_apgd_iterations(attack, n_iter: int) -> None:
+def set_apgd_iterations(attack, n_iter: int) -> None:
     """Set APGD's iterations after construction, with the schedule constants it derives from them."""
     attack.n_iter = n_iter
     attack.n_iter_orig = n_iter
@@ -100,8 +100,8 @@ def build_autoattack(model: nn.Module, point: AttackPoint, attacks: list[str], *
                         norm=point.norm.value, seed=seed)
         aa.attacks_to_run = list(attacks)
     if point.n_iter is not None:
-        _set_apgd_iterations(aa.apgd, point.n_iter)
-        _set_apgd_iterations(aa.apgd_targeted, point.n_iter)
+        set_apgd_iterations(aa.apgd, point.n_iter)
+        set_apgd_iterations(aa.apgd_targeted, point.n_iter)
         aa.fab.n_iter = point.n_iter
     if point.n_restarts is not None:
         aa.apgd.n_restarts = point.n_restarts

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import yaml
+
 from dent.outputs import RUN_DIR_HINT, output_dir
 from dent.provenance import write_run_metadata
 from dent.registry import Registry
@@ -45,6 +47,19 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY VALUE",
         help="config overrides as 'KEY VALUE' pairs or 'KEY=VALUE' (e.g. MODEL.ARCH Wong2020Fast data.n_images=500)",
     )
+
+
+def add_dry_run_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--dry-run", action="store_true",
+                        help=f"print the resolved config, {what}, then exit without running or writing anything")
+
+
+def print_dry_run(cfg: CommandConfig, plan: str) -> int:
+    """``--dry-run``'s output: the resolved config, then the command's plan and estimate."""
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+    print()
+    print(plan)
+    return 0
 
 
 def config_from_args(args: argparse.Namespace, file_defaults: dict[str, Any] | None = None) -> CommandConfig:

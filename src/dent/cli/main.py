@@ -9,7 +9,16 @@ import sys
 from dent.cli import commands  # noqa: F401
 from dent.cli.command import COMMANDS
 from dent.errors import DentError
+from dent.provenance import version_text
 from dent.runtime import tune_cpu_allocator
+
+
+class VersionAction(argparse.Action):
+    """``--version``, computed only when asked (it runs git)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dent",
         description="Dynamic adversarial defense by test-time entropy minimization, and its evaluation.",
     )
+    parser.add_argument("--version", action=VersionAction, nargs=0,
+                        help="print dent's version and the git commit of its source, then exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, cmd in COMMANDS.items():
         cmd_parser = sub.add_parser(name, help=cmd.help, description=cmd.help)

@@ -75,4 +75,5 @@ class EvaluateConfig(CommandConfig):
     seed: int = 0  # seed of the attacks (repeat r: seed + r)
 
     replaced_whole = frozenset({"defenses"})
+    named_entries = ("defenses",)
     legacy_keys = ("train", "bench")  # dent train's and dent bench's sections in the former all-commands config

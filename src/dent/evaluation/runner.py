@@ -243,9 +243,34 @@ def evaluate(
     """
     start = time.perf_counter()
     cfg = as_section(EvaluateConfig, cfg, "evaluate(cfg)")
-    device = resolve_device(cfg.device)
     use_deterministic_kernels()
     # Everything that can fail on bad input runs before the run directory is created or touched.
+    p = prepare(cfg, model, data, run_dir)
+    store = open_run(p.run_dir, cfg, p.identity)
+    try:
+        with run_logging(p.run_dir / LOG_NAME):
+            return _evaluate(cfg, store, p.run_dir, p.chash, p.device, model, p.subsets, p.units, defense_factory,
+                             start)
+    finally:
+        store.close()
+
+
+@dataclass
+class Prepared:
+    """What an evaluation of a config measures, before anything runs: its data, identity, run and units."""
+
+    device: torch.device
+    subsets: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    identity: dict[str, dict[str, Any]]
+    chash: str
+    run_dir: Path
+    units: list[Unit]
+
+
+def prepare(cfg: EvaluateConfig, model: Optional[nn.Module] = None, data: Any = None,
+            run_dir: Optional[Path] = None) -> Prepared:
+    """Load the data and plan the units of ``cfg`` (see :func:`evaluate`); writes nothing."""
+    device = resolve_device(cfg.device)
     subsets = evaluation_subsets(cfg, data)
     first = subsets[cfg.data.seed]
     if model is not None:
@@ -254,12 +279,7 @@ def evaluate(
     chash = run_hash(cfg, identity)
     run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir("evaluate", chash)
     units = plan(cfg, identity, len(first[1]), image_dim=int(first[0][0].numel()), device=device)
-    store = open_run(run_dir, cfg, identity)
-    try:
-        with run_logging(run_dir / LOG_NAME):
-            return _evaluate(cfg, store, run_dir, chash, device, model, subsets, units, defense_factory, start)
-    finally:
-        store.close()
+    return Prepared(device, subsets, identity, chash, run_dir, units)
 
 
 def _evaluate(cfg, store: ResultStore, run_dir, chash, device, model, subsets, units, defense_factory,

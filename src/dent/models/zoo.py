@@ -140,9 +140,14 @@ def _check_checkpoint_path(checkpoint: str | os.PathLike) -> Path:
     return path
 
 
+#: The data sets the zoo's models are trained on (RobustBench's ``dataset=`` argument).
+ZOO_DATASETS = ("cifar10",)
+
+
 def load_model(
     name: str,
     *,
+    dataset: str = "cifar10",
     threat_model: object = "Linf",
     model_dir: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
@@ -153,8 +158,11 @@ def load_model(
 
     ``name`` is a named model (see ``dent models``; ``threat_model`` picks the RobustBench variant and
     ``checkpoint`` optionally replaces its weights file) or an architecture name together with
-    ``checkpoint=PATH`` (a ``.pt``/``.pth`` state dict or ``.safetensors`` file).
+    ``checkpoint=PATH`` (a ``.pt``/``.pth`` state dict or ``.safetensors`` file). ``dataset`` and
+    ``threat_model`` are spelled as in RobustBench's ``load_model``; the zoo has CIFAR-10 models only.
     """
+    if str(dataset).lower() not in ZOO_DATASETS:
+        raise ConfigError(f"dataset={dataset!r}: dent's model zoo has models for {', '.join(ZOO_DATASETS)} only")
     if name in PRETRAINED:
         entry = PRETRAINED.get(name)
         if num_classes != entry.num_classes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dent.cli.command import command, config_from_args
+from dent.cli.command import add_dry_run_argument, command, config_from_args, print_dry_run
 from dent.evaluation.config import EvaluateConfig
 from dent.evaluation.mainjob import main_job
 from dent.evaluation.report import main_table, settings_text, write_report
@@ -17,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cfg", metavar="FILE",
         help="YAML experiment config (see cfgs/); without it, the main job (cfgs/main.yaml) runs",
     )
+    add_dry_run_argument(parser, "the units it would run and a cost estimate (one timed call of each defense)")
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY VALUE",
         help="config overrides, e.g. data.n_images 500 attack.version standard evaluation.shard 1/4",
@@ -31,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 )
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, file_defaults=None if args.cfg else main_job())
+    if args.dry_run:
+        from dent.evaluation.dryrun import dry_run
+
+        return print_dry_run(cfg, dry_run(cfg).text())
     result = evaluate(cfg)
     print(f"{result.n_run} unit(s) run, {result.n_skipped} resumed from the store, {result.seconds:.0f} s")
     if cfg.evaluation.report:

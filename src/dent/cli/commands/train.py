@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from dent.cli.command import add_config_arguments, command, config_from_args
+from dent.cli.command import add_config_arguments, add_dry_run_argument, command, config_from_args, print_dry_run
 from dent.training.config import TrainConfig
 
 
@@ -23,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--until-epoch", type=int, default=None, metavar="N",
         help="stop after epoch N (of train.epochs); continue later with --resume",
     )
+    add_dry_run_argument(parser, "the epochs it would train and a time estimate (one timed step)")
     parser.add_argument(
         "--export", metavar="NAME", default=None,
         help="when training has finished, export the model as reference checkpoint NAME (fp16 safetensors + card)",
@@ -58,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
     from dent.training.recipes import RECIPES
 
     cfg = config_from_args(args)
+    if args.dry_run:
+        from dent.training.dryrun import dry_run
+
+        return print_dry_run(cfg, dry_run(cfg))
     if RECIPES.get(cfg.train.recipe).detector is not None:
         return run_detector(cfg, args)
     return run_model(cfg, args)
