@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dent.defenses import Dent, DentConfig
-from dent.errors import InvalidInputError
+from dent.errors import ConfigError, InvalidInputError
 
 BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -271,6 +271,17 @@ def test_continual_adaptation_carries_over_until_reset():
     dent.reset()
     assert torch.equal(dent(x), first)
     assert torch.equal(Dent(net, CONFIGS["continual"])(x), first)
+
+
+def test_the_tent_style_constructor_is_the_config_constructor_with_tent_s_defaults():
+    net, x = tiny_net(), batch()
+    tented = Dent.tent_style(net, "sgd", steps=2, lr=0.01, momentum=0.9)  # tent: Tent(model, optimizer, steps=2)
+    assert tented.config == DentConfig(optimizer="sgd", steps=2, episodic=False, lr=0.01, momentum=0.9)
+    configured = Dent(net, DentConfig(optimizer="sgd", steps=2, episodic=False, lr=0.01, momentum=0.9))
+    assert torch.equal(tented(x), configured(x)) and torch.equal(tented(x), configured(x))  # both continual
+    assert Dent.tent_style(net).config.steps == 1 and not Dent.tent_style(net).config.episodic
+    with pytest.raises(ConfigError, match="unknown optimizer 'sgdd'.*valid names: adam"):
+        Dent.tent_style(net, "sgdd")
 
 
 # --- calling conventions -----------------------------------------------------------------------------------

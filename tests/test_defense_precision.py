@@ -157,7 +157,7 @@ def test_a_pipeline_resolves_the_precision_of_its_dent_stages():
     from dent.defenses.kinds import resolved_defense
     from dent.evaluation.config import EvaluateConfig
 
-    cfg = EvaluateConfig.load(None, ["defenses.p.kind", "pipeline", "defenses.p.stages", "[jpeg, {autocast: auto}]"])
+    cfg = EvaluateConfig.load(None, ["defenses.p={kind: pipeline, stages: [jpeg, {autocast: auto}]}"])
     resolved = resolved_defense(cfg.defenses["p"], "cpu")
     stage = resolved.stages[1]
     assert stage.autocast in ("none", "bfloat16")

@@ -43,7 +43,7 @@ def test_keys_beside_a_preset_override_it_and_the_rest_comes_from_it():
     config = DentConfig(preset="dent_plus_official", steps=3, lr=1e-2)
     assert (config.steps, config.lr, config.optimizer, config.objective) == (3, 1e-2, "adamod_official", "shot")
     assert config.sigma_init == DentConfig().sigma_init  # keys no preset sets keep the class default
-    cfg = EvaluateConfig.load(overrides=["defenses.x.preset", "DENT_PLUS_OFFICIAL", "defenses.x.steps", "2"])
+    cfg = EvaluateConfig.load(overrides=["defenses.x={preset: DENT_PLUS_OFFICIAL}", "defenses.x.steps", "2"])
     assert (cfg.defenses["x"].preset, cfg.defenses["x"].steps, cfg.defenses["x"].beta3) == ("dent_plus_official", 2, 0.6)
 
 
@@ -59,16 +59,16 @@ def test_the_preset_name_is_not_a_result_key():
 def test_unknown_preset_is_a_config_error_naming_the_key_and_the_valid_names():
     with pytest.raises(ConfigError, match=r"'defenses\.x\.preset'.*unknown preset 'dent_plus_oficial'.*"
                                           r"did you mean dent_plus_official.*valid names: dent, dent_plus_official"):
-        EvaluateConfig.load(overrides=["defenses.x.preset", "dent_plus_oficial"])
+        EvaluateConfig.load(overrides=["defenses.x={preset: dent_plus_oficial}"])
     with pytest.raises(ValidationError, match="preset"):
         DentConfig(preset=3)
 
 
 def test_bad_keys_beside_a_preset_are_named():
     with pytest.raises(ConfigError, match=r"'defenses\.x\.beta3'"):
-        EvaluateConfig.load(overrides=["defenses.x.preset", "dent_plus_official", "defenses.x.beta3", "1.5"])
+        EvaluateConfig.load(overrides=["defenses.x={preset: dent_plus_official}", "defenses.x.beta3", "1.5"])
     with pytest.raises(ConfigError, match=r"unknown config key 'defenses\.x\.betas3'"):
-        EvaluateConfig.load(overrides=["defenses.x.preset", "dent_plus_official", "defenses.x.betas3", "0.5"])
+        EvaluateConfig.load(overrides=["defenses.x={preset: dent_plus_official}", "defenses.x.betas3", "0.5"])
 
 
 def test_folded_arithmetic_needs_per_input_affine_on_fixed_statistics():

@@ -166,9 +166,12 @@ def test_repeat_subsets_draw_a_subset_per_repeat(tmp_path, net):
         evaluate(cfg, model=net, data=fake_data(10, model=net))
 
 
-def test_override_of_a_new_defense_name_adds_it():
-    cfg = config("runs", "defenses.extra.steps", "2")
+def test_a_new_defense_is_added_by_its_whole_entry_and_a_key_below_an_undefined_one_is_refused():
+    cfg = config("runs", "defenses.extra={steps: 2}", "defenses.extra.lr", "0.01")
     assert list(cfg.defenses) == ["static", "dent", "extra"] and cfg.defenses["extra"].steps == 2
+    assert cfg.defenses["extra"].lr == 0.01  # a key below it, after the entry: fine
+    with pytest.raises(ConfigError, match="no defenses entry 'extra'"):
+        config("runs", "defenses.extra.steps", "2")
 
 
 def test_configs_of_the_former_all_commands_config_still_load(tmp_path):

@@ -113,12 +113,18 @@ class CommandConfig(Section):
 
     @classmethod
     def check_named_entries(cls, data: dict[str, Any], keys: Iterable[str]) -> None:
-        """Refuse an override key below an entry of :attr:`named_entries` that ``data`` does not define."""
+        """Refuse an override key below an entry of :attr:`named_entries` that neither ``data`` nor an earlier
+        whole-entry override defines."""
+        known = {section: list(data.get(section, {})) for section in cls.named_entries}
         for key in keys:
             section, _, rest = key.strip().lower().partition(".")
             name, _, below = rest.partition(".")
-            if section in cls.named_entries and below and name not in data.get(section, {}):
-                defined = ", ".join(data.get(section, {})) or "none"
+            if section not in known or not name:
+                continue
+            if not below:  # a whole entry: defines the name for the overrides after it
+                known[section].append(name)
+            elif name not in known[section]:
+                defined = ", ".join(known[section]) or "none"
                 raise ConfigError(
                     f"override {key!r}: the config defines no {section} entry {name!r} (defined: {defined}); "
                     f"to add one on purpose, give the whole entry, e.g. '{section}.{name}={{{below}: ...}}'"

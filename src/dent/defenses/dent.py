@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -163,6 +163,20 @@ class Dent(nn.Module):
         self._weights: dict[tuple, tuple[tuple, Tensor]] = {}  # converted weight copies: see converted_weights
         #: memory_format='auto': (input shape, device, dtype) -> the faster format and the timings that chose it
         self.measured_formats: dict[tuple, dict] = {}
+
+    @classmethod
+    def tent_style(cls, model: nn.Module, optimizer: str = "adam", steps: int = 1, episodic: bool = False,
+                   **config: Any) -> "Dent":
+        """tent's constructor, ``Tent(model, optimizer, steps=1, episodic=False)``, for users who know it.
+
+        tent takes an optimizer built on the BatchNorm parameters it collects; dent builds its optimizer on the
+        tensors it adapts in every call, so ``optimizer`` is a name of :data:`dent.defenses.optim.OPTIMIZERS`
+        and its settings (``lr``, ``betas``, ``momentum``, ...) are keys of :class:`DentConfig` in ``config``,
+        with the other keys (``affine``, ``objective``, ``input``, ...). Defaults are tent's: one step, not
+        episodic (each call starts from the state the previous one left; :meth:`reset` restores the initial).
+        """
+        keys = {**config, "optimizer": optimizer, "steps": steps, "episodic": episodic}
+        return cls(model, as_section(DentConfig, keys, "Dent.tent_style"))
 
     def reset(self) -> None:
         """Return to the initial state: the wrapped model's own parameters, ``sigma_init``, fresh optimizer."""

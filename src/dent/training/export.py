@@ -124,7 +124,7 @@ def density_card(name: str, ckpt: dict[str, Any], run_dir: Path, model: Any, tes
         "",
         "## Training",
         "",
-        f"- epochs: {ckpt['epoch']}; batch size {t['batch_size']}; {t.get('optimizer', 'sgd')} lr {t['lr']:g}, "
+        f"- epochs: {ckpt['epoch']}; batch size {t['batch_size']}; {_optimizer_text(t)}, "
         f"weight decay {t['weight_decay']:g}, {t['schedule']} schedule; seed {cfg['seed']}",
         f"- data: {cfg['data']['dataset']} train split minus {t['holdout']} held-out images (seed {t['holdout_seed']})"
         + (f", {t['n_images']} training images" if t["n_images"] else ""),
@@ -187,6 +187,13 @@ def _provenance_lines(ckpt: dict[str, Any]) -> list[str]:
     return ["Command(s):", "", "```", *commands, "```", "", "Hardware:", "", *hardware, ""]
 
 
+def _optimizer_text(t: dict[str, Any]) -> str:
+    """The optimizer of a stored training config (configs stored before ``train.optimizer`` existed: SGD)."""
+    if t.get("optimizer", "sgd") == "adam":
+        return f"Adam lr {t['lr']:g}"
+    return f"SGD lr {t['lr']:g}, momentum {t['momentum']:g}"
+
+
 def _config_lines(cfg: dict[str, Any]) -> list[str]:
     return ["## Full training config", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).rstrip(), "```", ""]
 
@@ -211,8 +218,8 @@ def model_card(name: str, ckpt: dict[str, Any], run_dir: Path, threat: str | Non
         "## Training",
         "",
         f"- recipe: `{recipe}`; architecture: `{arch}`; seed {cfg['seed']}",
-        f"- epochs: {epochs} of {ckpt['epochs']} planned{stopped}; batch size {t['batch_size']}; SGD lr {t['lr']:g}, "
-        f"momentum {t['momentum']:g}, weight decay {t['weight_decay']:g}, {t['schedule']} schedule",
+        f"- epochs: {epochs} of {ckpt['epochs']} planned{stopped}; batch size {t['batch_size']}; {_optimizer_text(t)}, "
+        f"weight decay {t['weight_decay']:g}, {t['schedule']} schedule",
         f"- data: {cfg['data']['dataset']} train split minus {t['holdout']} held-out images "
         f"(seed {t['holdout_seed']})" + (f", {t['n_images']} training images" if t["n_images"] else "")
         + (", random crop + flip" if t["augment"] else ""),
