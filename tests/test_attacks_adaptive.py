@@ -152,6 +152,40 @@ def test_runners_report_per_point_results_checked_on_the_defense(defended, name,
         assert set(out.notes["source_robust"]) == set(labels)
 
 
+#: The runners whose inputs the defense answered as one whole batch: resubmitted, they give the reported answers.
+WHOLE_BATCH = {"through_adaptation", "bpda_eot", "transfer"}
+
+
+@pytest.mark.parametrize("name, extra", [
+    ("through_adaptation", {"adaptive": {"horizon": 1}}),
+    ("bpda_eot", {"eot_iter": 2}),
+    ("surrogate_transfer", {"n_restarts": 1}),
+    ("transfer", {"version": "custom", "attacks": ["apgd-ce", "apgd-t"], "mode": "both"}),
+    ("mixed", {"adaptive": {"mixed": [0.5]}}),
+])
+def test_adaptive_attacks_return_their_adversarial_inputs_in_the_ball(defended, name, extra):
+    dent, x, y = defended
+    eps = 32 / 255
+    out = ATTACKS.get(name)(dent, x, y, point(name=name, threats=["Linf:32/255"], n_iter=[2], n_target_classes=1,
+                                              **extra), device="cpu", seed=0)
+    assert list(out.x_adv) == list(out.robust)
+    for label, x_adv in out.x_adv.items():
+        assert x_adv.shape == x.shape and x_adv.min() >= 0 and x_adv.max() <= 1
+        assert (x_adv - x).abs().max() <= eps + 1e-6
+        if name in WHOLE_BATCH:  # submitted as the batch they came in, they reproduce the reported answers
+            with torch.no_grad():
+                answer = dent(x_adv).argmax(1)
+            assert torch.equal(answer, out.pred[label]), label
+            assert not (out.robust[label] & (answer != y)).any()  # a point reported robust is answered right
+    worst = out.worst_case_inputs()
+    broken_somewhere = ~torch.stack(list(out.robust.values())).all(0)
+    first_label = list(out.x_adv)[0]
+    for i in range(len(x)):  # each point's input realizes its worst case: from a label that broke it, if any
+        sources = [label for label in out.x_adv if torch.equal(out.x_adv[label][i], worst[i])]
+        assert sources and (not broken_somewhere[i] or any(not out.robust[label][i] for label in sources))
+    assert broken_somewhere.any() and first_label
+
+
 def test_python_api(defended):
     from dent.attacks.adaptive import adaptive_attack
 

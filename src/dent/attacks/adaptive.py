@@ -145,11 +145,11 @@ def _blur_source(dent: Dent, source: Source, adaptive: AdaptiveSection, rewrap: 
     return rewrap(blurred), {**info, "source": source.value, "sigma": round(float(sigma), 6)}
 
 
-def _done(robust: dict, pred: dict, notes: dict):
+def _done(robust: dict, pred: dict, notes: dict, x_adv: dict):
     from dent.attacks.registry import AttackOutcome
 
     return AttackOutcome(robust={k: v.cpu() for k, v in robust.items()}, pred={k: v.cpu() for k, v in pred.items()},
-                         notes=notes)
+                         notes=notes, x_adv={k: v.detach().cpu() for k, v in x_adv.items()})
 
 
 # -- transfer: the paper's denied updates (Table 5) -----------------------------------------------
@@ -166,7 +166,7 @@ def run_transfer(model: nn.Module, x: Tensor, y: Tensor, point: Any, *, device, 
     dent, rewrap = _dent_of(model, "transfer")
     adaptive = _adaptive(point)
     runs = autoattack_runs(point)
-    robust, pred, source_robust, sources, warnings = {}, {}, {}, {}, []
+    robust, pred, inputs, source_robust, sources, warnings = {}, {}, {}, {}, {}, []
     for source in adaptive.source_list("transfer"):
         attacked, info = _source(dent, source, adaptive, rewrap, x)
         sources[source.value] = info
@@ -177,12 +177,13 @@ def run_transfer(model: nn.Module, x: Tensor, y: Tensor, point: Any, *, device, 
                 x_adv, y_source = aa.run_standard_evaluation(x, y, batch_size=len(x))
             warnings += [w for w in log.warnings if w not in warnings]
             key = f"{source.value}:{label}"
-            pred[key] = _predict(model, x_adv.to(x.device))
+            inputs[key] = x_adv.to(x.device)
+            pred[key] = _predict(model, inputs[key])
             robust[key] = pred[key] == y
             source_robust[key] = (y_source.to(y.device) == y).cpu().tolist()
     notes = {"sources": sources, "source_robust": source_robust, "warnings": warnings,
              "protocol": "adversarial inputs crafted on the source, then one query of the defense per batch"}
-    return _done(robust, pred, notes)
+    return _done(robust, pred, notes, inputs)
 
 
 # -- mixed batches (Table 6) ----------------------------------------------------------------------
@@ -247,12 +248,13 @@ def run_mixed(model: nn.Module, x: Tensor, y: Tensor, point: Any, *, device, see
     subs = adaptive.sub_attacks("mixed")
     size = adaptive.mixed_batch_size or len(x)
     chunks = [list(range(s, min(s + size, len(x)))) for s in range(0, len(x), size)]
-    robust, pred, per_batch, n_groups = {}, {}, {}, {}
+    robust, pred, inputs, per_batch, n_groups = {}, {}, {}, {}, {}
     t0 = time.perf_counter()
     for entry in adaptive.mixed:
         label = f"mixed {mix_label(entry)}"
         ok = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         answer = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
+        chosen = x.clone()
         for chunk in chunks:
             xc, yc = x[chunk], y[chunk]
             n_adv = adv_count(entry, len(chunk))
@@ -277,7 +279,8 @@ def run_mixed(model: nn.Module, x: Tensor, y: Tensor, point: Any, *, device, see
                 where = torch.as_tensor([chunk[i] for i in index], device=x.device)[mine]
                 ok[where] = still[mine]
                 answer[where] = final[mine]
-        robust[label], pred[label] = ok, answer
+                chosen[where] = best[mine]
+        robust[label], pred[label], inputs[label] = ok, answer, chosen
     notes = {
         "mixed_batch_size": size,
         "adversarial_per_batch": per_batch,  # label -> [[n_adv, batch size] per evaluation sub-batch]
@@ -287,27 +290,29 @@ def run_mixed(model: nn.Module, x: Tensor, y: Tensor, point: Any, *, device, see
         "natural_part": "the other inputs of the same evaluation batch, unperturbed",
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    return _done(robust, pred, notes)
+    return _done(robust, pred, notes, inputs)
 
 
 # -- through the adaptation -----------------------------------------------------------------------
 
 
 def _apgd_runs(attacked: nn.Module, defense: nn.Module, x: Tensor, y: Tensor, point: Any, name: str,
-               subs: tuple[str, ...], seed: int, prefix: str = "") -> tuple[dict, dict, dict]:
-    """Each APGD variant on the whole batch against ``attacked``; results checked on ``defense``."""
+               subs: tuple[str, ...], seed: int, prefix: str = "") -> tuple[dict, dict, dict, dict]:
+    """Each APGD variant on the whole batch against ``attacked``; results checked on ``defense``; the last
+    dict holds each variant's adversarial inputs."""
     budget = _budget(point, name, defense)
-    robust, pred, timing = {}, {}, {}
+    robust, pred, inputs, timing = {}, {}, {}, {}
     for sub in subs:
         t0 = time.perf_counter()
         res = apgd_batch(attacked, x, y, attack=sub, norm=point.norm, eps=point.eps, seed=seed, **budget)
         seconds = time.perf_counter() - t0
         label = prefix + sub
+        inputs[label] = res.x_adv
         pred[label] = _predict(defense, res.x_adv)
         robust[label] = res.robust & (pred[label] == y)
         timing[label] = {"seconds": round(seconds, 3), "queries": res.queries,
                          "seconds_per_query": round(seconds / max(res.queries, 1), 5)}
-    return robust, pred, {"budget": budget, "timing": timing}
+    return robust, pred, {"budget": budget, "timing": timing}, inputs
 
 
 def run_through_adaptation(model: nn.Module, x: Tensor, y: Tensor, point: Any, *, device, seed: int,
@@ -322,10 +327,10 @@ def run_through_adaptation(model: nn.Module, x: Tensor, y: Tensor, point: Any, *
     adaptive = _adaptive(point)
     differentiable = DifferentiableDent(dent, horizon=adaptive.horizon, checkpoint=adaptive.checkpoint)
     attacked = rewrap(differentiable)
-    robust, pred, notes = _apgd_runs(attacked, rewrap(dent), x, y, point, "through_adaptation",
-                                     adaptive.sub_attacks("through_adaptation"), seed)
+    robust, pred, notes, inputs = _apgd_runs(attacked, rewrap(dent), x, y, point, "through_adaptation",
+                                             adaptive.sub_attacks("through_adaptation"), seed)
     notes["gradient"] = differentiable.describe()
-    return _done(robust, pred, notes)
+    return _done(robust, pred, notes, inputs)
 
 
 # -- BPDA + EOT on a shortened defense ------------------------------------------------------------
@@ -343,9 +348,10 @@ def run_bpda_eot(model: nn.Module, x: Tensor, y: Tensor, point: Any, *, device, 
         short = DifferentiableDent(shortened(dent, _shortened_steps(dent, adaptive)), checkpoint=adaptive.checkpoint)
         approximation, gradient = short, short.describe()
     attacked = BPDA(rewrap(dent), rewrap(approximation), noise=adaptive.eot_noise)
-    robust, pred, notes = _apgd_runs(attacked, rewrap(dent), x, y, point, "bpda_eot", adaptive.sub_attacks("bpda_eot"), seed)
+    robust, pred, notes, inputs = _apgd_runs(attacked, rewrap(dent), x, y, point, "bpda_eot",
+                                             adaptive.sub_attacks("bpda_eot"), seed)
     notes["gradient"] = {**gradient, "eot_noise": adaptive.eot_noise}
-    return _done(robust, pred, notes)
+    return _done(robust, pred, notes, inputs)
 
 
 # -- transfer from stronger surrogates --------------------------------------------------------------
@@ -361,7 +367,7 @@ def run_surrogate_transfer(model: nn.Module, x: Tensor, y: Tensor, point: Any, *
     dent, rewrap = _dent_of(model, "surrogate_transfer")
     adaptive = _adaptive(point)
     budget = _budget(point, "surrogate_transfer", model)
-    robust, pred, surrogate_robust, sources, timing = {}, {}, {}, {}, {}
+    robust, pred, inputs, surrogate_robust, sources, timing = {}, {}, {}, {}, {}, {}
     for source in adaptive.source_list("surrogate_transfer"):
         surrogate, info = _source(dent, source, adaptive, rewrap, x)
         sources[source.value] = info
@@ -371,21 +377,22 @@ def run_surrogate_transfer(model: nn.Module, x: Tensor, y: Tensor, point: Any, *
             res = apgd_batch(surrogate, x, y, attack=sub, norm=point.norm, eps=point.eps, seed=seed, **budget)
             candidates = [res.x_adv] + [c for run in res.runs for c in run]
             ok = torch.ones(len(x), dtype=torch.bool, device=x.device)
-            answer = None
+            answer, chosen = None, candidates[0].clone()
             seen: list[Tensor] = []
             for cand in candidates:
                 if any(torch.equal(cand, s) for s in seen):
                     continue
                 seen.append(cand)
                 p = _predict(model, cand)
-                # still-robust points take the latest answer; broken ones keep the answer that broke them
+                # still-robust points take the latest answer and input; broken ones keep those that broke them
                 answer = p.clone() if answer is None else torch.where(ok, p, answer)
+                chosen[ok] = cand[ok]
                 ok &= p == y
-            robust[label], pred[label] = ok, answer
+            robust[label], pred[label], inputs[label] = ok, answer, chosen
             surrogate_robust[label] = res.robust.cpu().tolist()
             timing[label] = {"seconds": round(time.perf_counter() - t0, 3), "candidates": len(seen)}
     notes = {"sources": sources, "surrogate_robust": surrogate_robust, "budget": budget, "timing": timing}
-    return _done(robust, pred, notes)
+    return _done(robust, pred, notes, inputs)
 
 
 def adaptive_attack(defense: nn.Module, x: Tensor, y: Tensor, name: str, *, eps: float, norm: str = "Linf",
@@ -397,7 +404,11 @@ def adaptive_attack(defense: nn.Module, x: Tensor, y: Tensor, name: str, *, eps:
     E.g. ``adaptive_attack(Dent(model, cfg), x, y, "through_adaptation", eps=8/255, n_iter=100,
     horizon=None, checkpoint=True)``. ``attacks`` lists the APGD variants (``adaptive.attacks``), or for
     ``transfer`` AutoAttack's custom list (with ``version="custom"``). Returns the
-    :class:`~dent.attacks.registry.AttackOutcome` (per-point ``robust`` and ``pred`` per label, ``notes``).
+    :class:`~dent.attacks.registry.AttackOutcome` (per-point ``robust`` and ``pred`` per label, ``notes``, and the
+    adversarial inputs ``x_adv`` per label; ``worst_case_inputs()`` picks each point's worst). Resubmitted as
+    the batch they came in, the inputs of ``transfer``, ``through_adaptation`` and ``bpda_eot`` reproduce
+    ``pred``; those of ``mixed`` were answered beside natural batch-mates, and those of ``surrogate_transfer``
+    in the candidate batch that broke them, so a batch-wise defense answers them differently in another batch.
     """
     from dent.attacks.config import AttackSection
 

@@ -28,6 +28,23 @@ class AttackOutcome:
     robust: dict[str, torch.Tensor]
     pred: dict[str, torch.Tensor]
     notes: dict[str, Any] = field(default_factory=dict)
+    #: per label, the adversarial input [B, C, H, W] of each point whose answer ``pred[label]`` is (the adaptive
+    #: attacks fill it; torchattacks' ``attack(model, x, y) -> x_adv``)
+    x_adv: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def worst_case_inputs(self) -> torch.Tensor:
+        """Per point, the input of the first label (in order) under which it was not robust, else of the last:
+        the input that realizes its per-point worst case."""
+        labels = list(self.x_adv)
+        if not labels:
+            raise ValueError("this attack returned no adversarial inputs (only the adaptive attacks do)")
+        chosen = self.x_adv[labels[-1]].clone()
+        decided = torch.zeros(len(chosen), dtype=torch.bool)
+        for label in labels:
+            broken = ~self.robust[label].cpu() & ~decided
+            chosen[broken] = self.x_adv[label][broken]
+            decided |= broken
+        return chosen
 
 
 class AttackRunner(Protocol):
