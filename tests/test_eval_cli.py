@@ -129,3 +129,35 @@ def test_dry_run_prints_the_units_and_an_estimate_and_runs_nothing(capsys, small
     assert run_cli(capsys, *args)[0] == 0
     code, out, _ = run_cli(capsys, *args, "--dry-run")
     assert code == 0 and "units: 12 planned, 12 already stored, 0 to run" in out and "| static |" not in out
+
+
+def test_benchmark_defenses_returns_the_table_of_the_same_dent_evaluate_run(capsys, tmp_path, cifar10_dir):
+    """RobustBench's convention: one call, the table returned; on the shipped ResNet-18 at a tiny budget."""
+    import json
+
+    import dent
+
+    attack = {"version": "custom", "attacks": ["apgd-ce"], "threats": ["Linf:8/255"], "n_iter": [2], "n_restarts": 1}
+    results = dent.benchmark_defenses(
+        "autoattack_resnet18", defenses={"static": {"steps": 0}, "dent": {"steps": 1}}, attack=attack,
+        n_images=8, batch_size=8, data={"dir": str(cifar10_dir)}, evaluation={"progress": False},
+        device="cpu", run_dir=tmp_path / "api")
+    cfg = tmp_path / "same.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"arch": "autoattack_resnet18"},
+                                   "defenses": {"static": {"steps": 0}, "dent": {"steps": 1}}, "attack": attack,
+                                   "data": {"n_images": 8, "batch_size": 8}}))
+    code, out, err = run_cli(capsys, "evaluate", "--cfg", cfg, "data.dir", cifar10_dir, "evaluation.progress", "false",
+                             "device", "cpu", "output.root", tmp_path, "output.name", "cli")
+    assert code == 0, err
+    cli = json.loads((tmp_path / "cli" / "report" / "results.json").read_text())
+    table = results.to_dict()
+    assert set(table["defense"]) == {"static", "dent"} and len({len(v) for v in table.values()}) == 1
+    for row in cli["rows"]:
+        assert results.accuracy(row["defense"]) == row["natural"]["accuracy"]
+        for adv in row["adversarial"]:
+            assert results.accuracy(row["defense"], adv["attack"]) == adv["accuracy"]
+            for label, cell in adv["per_attack"].items():
+                assert results.accuracy(row["defense"], adv["attack"], label) == cell["accuracy"]
+    assert str(results).splitlines()[0].startswith("- model: autoattack_resnet18") and "[" in str(results)
+    with pytest.raises(KeyError, match="no result for defense 'nope'"):
+        results.accuracy("nope")

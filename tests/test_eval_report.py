@@ -12,7 +12,7 @@ import torch
 
 from dent.evaluation import plots
 from dent.evaluation.report import (
-    CSV_FIELDS, _csv_rows, iterations_table, load_summary, markdown, time_table, to_json, write_report,
+    CSV_FIELDS, csv_rows, iterations_table, load_summary, markdown, time_table, to_json, write_report,
 )
 from dent.evaluation.rundir import find_store
 from dent.evaluation.store import ResultStore
@@ -57,7 +57,7 @@ def test_every_output_carries_the_interval():
                          record("dent", point("autoattack"), {"ensemble": [True, False, True, False]})])
     text = markdown(summary)
     assert "| tiny | 75.0 [30.1, 95.4] | 50.0 [15.0, 85.0] |" in text and "Wilson" in text
-    rows = _csv_rows(summary)
+    rows = csv_rows(summary)
     assert {"ci_low", "ci_high"} <= set(CSV_FIELDS) and all(r["ci_low"] <= r["accuracy"] <= r["ci_high"] for r in rows)
     data = to_json(summary)
     assert data["rows"][0]["natural"]["ci_high"] == pytest.approx(0.954, abs=1e-3)

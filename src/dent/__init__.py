@@ -15,6 +15,15 @@ from dent.data import Split, load_split, load_subset
 from dent.defenses import AffineMode, Dent, DentConfig, InputMode, StatsMode
 from dent.models import build_model, list_models, load_model
 
+
+def benchmark_defenses(model, **kwargs):
+    """Evaluate defenses around ``model`` under attacks and return their table (RobustBench's ``benchmark``):
+    see :func:`dent.evaluation.api.benchmark_defenses` (imported on first use: it loads the attack libraries).
+    (``dent.benchmark`` is the package of ``dent bench``, the timings.)"""
+    from dent.evaluation.api import benchmark_defenses as run
+
+    return run(model, **kwargs)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -24,6 +33,7 @@ __all__ = [
     "InputMode",
     "Split",
     "StatsMode",
+    "benchmark_defenses",
     "build_model",
     "list_models",
     "load_model",

@@ -411,7 +411,7 @@ CSV_FIELDS = [
 ]
 
 
-def _csv_rows(summary: Summary) -> list[dict[str, Any]]:
+def csv_rows(summary: Summary) -> list[dict[str, Any]]:
     out = []
     for row in summary.rows:
         base = {
@@ -462,7 +462,7 @@ def write_report(paths: Iterable[str | Path], out_dir: str | Path) -> ReportFile
     with open(files.csv, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
-        for r in _csv_rows(summary):
+        for r in csv_rows(summary):
             writer.writerow({k: r.get(k) for k in CSV_FIELDS})
     files.json.write_text(json.dumps(to_json(summary), indent=2))
     if summary.rows:

@@ -7,9 +7,9 @@ import argparse
 from dent.cli.command import add_dry_run_argument, command, config_from_args, print_dry_run
 from dent.evaluation.config import EvaluateConfig
 from dent.evaluation.mainjob import main_job
-from dent.evaluation.report import main_table, settings_text, write_report
+from dent.evaluation.api import benchmark_config
+from dent.evaluation.report import write_report
 from dent.evaluation.rundir import REPORT_DIR
-from dent.evaluation.runner import evaluate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,18 +36,14 @@ def run(args: argparse.Namespace) -> int:
         from dent.evaluation.dryrun import dry_run
 
         return print_dry_run(cfg, dry_run(cfg).text())
-    result = evaluate(cfg)
-    print(f"{result.n_run} unit(s) run, {result.n_skipped} resumed from the store, {result.seconds:.0f} s")
+    results = benchmark_config(cfg)
+    done = results.run
+    print(f"{done.n_run} unit(s) run, {done.n_skipped} resumed from the store, {done.seconds:.0f} s")
     if cfg.evaluation.report:
-        files = write_report([result.run_dir], result.run_dir / REPORT_DIR)
-        from dent.evaluation.report import load_summary
-
-        summary = load_summary([result.run_dir])
+        files = write_report([done.run_dir], done.run_dir / REPORT_DIR)
         print()
-        print(settings_text(summary))
-        print()
-        print(main_table(summary))
+        print(results)
         print()
         print(f"report: {files.markdown} (+ {', '.join(p.name for p in [files.csv, files.json, *files.figures])})")
-    print(f"results: {result.run_dir}")
+    print(f"results: {done.run_dir}")
     return 0
