@@ -171,3 +171,13 @@ def test_version_and_provenance_name_the_source_commit(capsys, tmp_path):
         assert f"commit {head.strip()[:12]}" in out
     else:
         assert source["commit"] is None and "commit" not in out
+
+
+def test_overrides_after_a_flag_are_overrides_too_and_unknown_flags_are_refused(capsys):
+    from dent.cli.main import parse
+
+    args = parse(["evaluate", "--cfg", "cfgs/main.yaml", "data.n_images", "8", "--dry-run", "seed", "-1"])
+    assert args.dry_run and args.overrides == ["data.n_images", "8", "seed", "-1"]
+    with pytest.raises(SystemExit):
+        parse(["evaluate", "--cfg", "cfgs/main.yaml", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

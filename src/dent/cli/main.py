@@ -36,8 +36,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with ``KEY VALUE`` overrides also after a flag (``evaluate --cfg F a 1 --dry-run b 2``):
+    argparse collects a positional list only up to the first flag, so what follows is appended to it."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    flags = [item for item in extra if item.startswith("-") and not _is_number(item)]
+    if flags or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(flags or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         tune_cpu_allocator()  # keep freed memory for reuse: fewer page faults on CPU (docs/performance.md)
         return args.run(args)
