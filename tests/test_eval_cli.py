@@ -161,3 +161,21 @@ def test_benchmark_defenses_returns_the_table_of_the_same_dent_evaluate_run(caps
     assert str(results).splitlines()[0].startswith("- model: autoattack_resnet18") and "[" in str(results)
     with pytest.raises(KeyError, match="no result for defense 'nope'"):
         results.accuracy("nope")
+
+
+def test_progress_off_a_terminal_is_one_line_per_unit_weighted_by_expected_cost(capsys, small):
+    from dent.evaluation.progress import unit_weight
+    from dent.evaluation.runner import plan, measured_identity
+
+    args = [a if a != "false" else "true" for a in small_args(small, "progress")]  # evaluation.progress true
+    code, out, err = run_cli(capsys, "evaluate", "--cfg", REPO / "cfgs" / "main.yaml", *args)
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if line.startswith("[")]
+    assert len(lines) == 12 and lines[-1].startswith("[12/12]") and "100% of the expected work" in lines[-1]
+    assert "\r" not in err  # no redrawn bar in a log
+    cfg = EvaluateConfig.load(REPO / "cfgs" / "main.yaml", [str(a) for a in small_args(small, "w")])
+    units = plan(cfg, measured_identity(cfg), 8)
+    clean = next(u for u in units if u.kind == "clean")
+    attacked = next(u for u in units if u.kind != "clean")
+    assert unit_weight(attacked, 1.0) > 10 * unit_weight(clean, 1.0)  # AutoAttack: ~30 queries per batch here
+    assert unit_weight(clean, 21.0) == 21 * unit_weight(clean, 1.0)  # scaled by the defense's declared cost

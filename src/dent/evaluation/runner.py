@@ -7,6 +7,7 @@ can pass a model, a data split and a defense factory directly instead of loading
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from dent.errors import ConfigError
 from dent.evaluation.accuracy import predict
 from dent.evaluation.config import EvaluateConfig
 from dent.evaluation.rundir import LOG_NAME, open_run, run_hash
+from dent.evaluation.progress import UnitProgress, unit_weight
 from dent.evaluation.runlog import run_logging
 from dent.evaluation.store import STORE_NAME, ResultStore, UnitRecord
 from dent.evaluation.units import CLEAN, Unit, plan_units, repeat_context
@@ -161,7 +163,8 @@ class QueryProgress(nn.Module):
         self.bar = None
 
     def __enter__(self) -> "QueryProgress":
-        self.bar = tqdm(total=self.total, desc="  queries", unit="query", leave=False, dynamic_ncols=True)
+        self.bar = tqdm(total=self.total, desc="  queries", unit="query", leave=False, dynamic_ncols=True,
+                        disable=not sys.stderr.isatty())  # a log file gets one line per unit (UnitProgress)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -301,12 +304,14 @@ def _evaluate(cfg, store: ResultStore, run_dir, chash, device, model, subsets, u
 
     dynamic_warnings = 0
     rebatching: Counter[str] = Counter()
-    bar = tqdm(pending, desc="evaluate", unit="unit", disable=not cfg.evaluation.progress, dynamic_ncols=True)
-    for unit in bar:
-        bar.set_postfix_str(unit.describe(), refresh=True)
+    for unit in pending:  # built before the first unit runs: their declared costs weigh the progress
         if unit.defense not in defended:
             defended[unit.defense] = factory(model, unit.defense_config).to(device)
             _warn_randomized(unit.defense, defended[unit.defense], cfg)
+    weights = {u.key: unit_weight(u, traits_of(defended[u.defense]).cost, cfg.evaluation.clean_draws) for u in pending}
+    bar = UnitProgress(weights, enabled=cfg.evaluation.progress)
+    for unit in pending:
+        bar.start(unit)
         if unit.kind != CLEAN:
             _refuse_rejecting(unit.defense, defended[unit.defense], unit.point.name)
         t0 = time.perf_counter()
@@ -320,6 +325,7 @@ def _evaluate(cfg, store: ResultStore, run_dir, chash, device, model, subsets, u
             seconds=seconds, device=str(device),
         )
         store.put(record)
+        bar.done(unit, seconds)
         _log_unit(unit, result, seconds, rebatching)
         if result.get("notes", {}).get("dynamic_warning"):
             dynamic_warnings += 1
