@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,12 @@ def test_an_override_below_a_defense_the_config_does_not_define_is_refused():
     cfg = EvaluateConfig.load("cfgs/dent_plus.yaml", ["defenses.dent_plus.steps", "2", "defenses.mine={steps: 2}"])
     assert cfg.defenses["dent_plus"].steps == 2 and cfg.defenses["mine"].steps == 2
     assert list(cfg.defenses) == ["static", "dent_plus", "mine"]
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "cfgs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_config_header_says_its_budget_and_a_full_budget_one_gives_the_reduced_variant(path):
+    header = "".join(line for line in path.read_text().splitlines(True) if line.startswith("#"))
+    assert re.search(r"budget", header, re.I), f"{path.name}: its header does not say its budget"
+    if re.search(r"full budget|budget: full", header, re.I) and not re.search(r"cpu-sized", header, re.I):
+        assert re.search(r"reduced", header, re.I), f"{path.name}: full budget without the reduced variant beside it"
