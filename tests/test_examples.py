@@ -64,3 +64,31 @@ def test_autoattack_on_dent_example_names_a_bad_argument():
         done = subprocess.run([sys.executable, str(EXAMPLES / "autoattack_on_dent.py"), *args], capture_output=True,
                               text=True, timeout=120)
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, args
+
+
+def _run_example(name: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=EXAMPLES.parent)
+
+
+def test_robustbench_model_example_runs_offline_with_random_weights(cifar10_dir):
+    done = _run_example("robustbench_model.py", "--checkpoint", "random", "--n-images", "8")
+    assert done.returncode == 0, done.stderr
+    assert "| Wong2020Fast |" in done.stdout and "Natural dent" in done.stdout
+
+
+def test_robustbench_model_example_without_its_checkpoint_says_where_to_get_it(tmp_path):
+    env = {**os.environ, "DENT_MODEL_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(EXAMPLES / "robustbench_model.py")], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 2 and "Wong2020Fast.pt" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_train_tiny_recipe_example_trains_exports_and_evaluates(cifar10_dir, tmp_path):
+    done = _run_example("train_tiny_recipe.py", "--n-images", "64", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "trained pgd: finished at epoch 1" in done.stdout and "| resnet26_1 |" in done.stdout
+    assert (tmp_path / "zoo" / "tiny_example.md").read_text().startswith("# tiny_example")
+    bad = _run_example("train_tiny_recipe.py", "--recipe", "nope")
+    assert bad.returncode == 2 and "unknown training recipe 'nope'" in bad.stderr and "Traceback" not in bad.stderr

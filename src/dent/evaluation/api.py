@@ -66,11 +66,13 @@ def benchmark_defenses(
     batch_size: Optional[int] = None,
     config: Optional[str | Path | Mapping[str, Any]] = None,
     run_dir: Optional[str | Path] = None,
+    name: Optional[str] = None,
     **keys: Any,
 ) -> Results:
     """Evaluate ``defenses`` around ``model`` under ``attack`` and return the table.
 
-    ``model``: a zoo name (``dent models``) or an ``nn.Module`` (identified by its weights' digest).
+    ``model``: a zoo name (``dent models``) or an ``nn.Module`` (identified by its weights' digest; ``name``, a zoo
+    name, labels it in the table, e.g. the RobustBench model it was loaded as).
     ``defenses``: ``{name: entry}``, each entry a ``defenses:`` config entry (a dict, a kind name, a
     ``DentConfig``); ``attack``: the ``attack`` section (a dict or ``AttackSection``); ``config``: a config file or
     dict they are applied over (default: the evaluate defaults); further sections as keywords (``evaluation=``,
@@ -83,8 +85,8 @@ def benchmark_defenses(
     base = EvaluateConfig.load(config) if isinstance(config, (str, Path)) else EvaluateConfig.load(
         None, file_defaults=dict(config or {}))
     update: dict[str, Any] = {**keys}
-    if isinstance(model, str):
-        update["model"] = {**update.get("model", {}), "arch": model}
+    if isinstance(model, str) or name is not None:
+        update["model"] = {**update.get("model", {}), "arch": model if isinstance(model, str) else name}
     if n_images is not None or batch_size is not None:
         data = dict(update.get("data", {}))
         data.update({k: v for k, v in (("n_images", n_images), ("batch_size", batch_size)) if v is not None})
