@@ -19,6 +19,7 @@ from dent.errors import ConfigError
 from dent.identity import flat_hash, result_tree
 from dent.runtime import DEVICE_CHOICES
 from dent.threat import ThreatModel
+from dent.tracking import Tracking
 
 
 def known_device(value: str) -> str:
@@ -65,6 +66,8 @@ class DataSection(DataSourceSection):
 class OutputSection(Section):
     root: Path = Path("runs")
     name: Optional[str] = None  # run directory name; default <command>-<result hash[:8]>
+    # mirror the config and metrics into RUN_DIR/tensorboard (dent.tracking; the optional tensorboard package)
+    tracking: Tracking = Tracking.NONE
 
 
 ConfigT = TypeVar("ConfigT", bound="CommandConfig")

@@ -106,5 +106,17 @@ def benchmark_config(cfg: EvaluateConfig, *, model: Optional[nn.Module] = None,
     """:func:`benchmark_defenses` on a resolved config (``dent evaluate``)."""
     from dent.evaluation.report import load_summary
 
+    from dent.tracking import open_tracker
+
     run = evaluate(cfg, model=model, run_dir=Path(run_dir) if run_dir is not None else None)
-    return Results(load_summary([run.run_dir]), run)
+    results = Results(load_summary([run.run_dir]), run)
+    tracker = open_tracker(cfg.output.tracking, run.run_dir)
+    try:
+        tracker.log_config(cfg.to_dict())
+        table = results.to_dict()
+        for i, defense in enumerate(table["defense"]):
+            measure = "clean" if table["measure"][i] == "natural" else f"{table['attack'][i]}/{table['label'][i]}"
+            tracker.log_scalars(0, {f"accuracy/{defense}/{measure}": table["accuracy"][i]})
+    finally:
+        tracker.close()
+    return results

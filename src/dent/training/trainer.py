@@ -37,6 +37,7 @@ from dent.runtime import resolve_device
 from dent.training.adversaries import model_mode
 from dent.training.augment import random_crop_flip
 from dent.threat import format_eps
+from dent.tracking import open_tracker
 from dent.training.config import BnMode, OptimizerName, Schedule, TrainConfig, TrainSection
 from dent.training.curves import plot_curves, write_history
 from dent.training.awp import frozen_bn_statistics, perturbed, weight_perturbation
@@ -395,9 +396,11 @@ class Trainer:
         """Train up to ``until_epoch`` (default ``train.epochs``), resuming when asked; returns the result."""
         output_dir(self.run_dir, "training run directory", RUN_DIR_HINT)
         handlers = self._attach_log()
+        self.tracker = open_tracker(self.cfg.output.tracking, self.run_dir)
         try:
             return self._run(until_epoch, resume)
         finally:
+            self.tracker.close()
             for handler in handlers:
                 log.removeHandler(handler)
                 handler.close()
@@ -413,6 +416,7 @@ class Trainer:
             self._restore(load_checkpoint(source, self.device), source)
             log.info("resumed from %s at epoch %d/%d (%s)", source, self.state.epoch, total_epochs, self.state.status)
         write_run_metadata(self.run_dir, self.cfg.to_dict())
+        self.tracker.log_config(self.cfg.to_dict())
         self.state.invocations.append({
             "command": self.command or "", "start_epoch": self.state.epoch, "until_epoch": end,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_description(),
@@ -492,6 +496,7 @@ class Trainer:
         self.state.history.append(entry)
         atomic_torch_save(self._checkpoint(), self.run_dir / CHECKPOINT_FILE)
         self._write_log_files()
+        self.tracker.log_scalars(epoch, entry, prefix="train/")
         log.info("epoch %d/%d: %s", epoch, tcfg.epochs, _summary(entry))
         return entry
 
