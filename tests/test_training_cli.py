@@ -132,8 +132,25 @@ def test_export_reference_checkpoint(tmp_path):
     first_line = next(line for line in text.splitlines() if line and not line.startswith("#"))
     assert "resnet26_1" in first_line and "pgd" in first_line and "held-out clean" in first_line
     for needle in ("dent train --cfg x.yaml", "epochs: 1 of 1", "wall time", "Hardware", "PGD-1",
-                   'register_reference("tiny_pgd", "resnet26_1", threat_model="Linf")'):
+                   "## License, data and limitations", "License: MIT", "Data: CIFAR-10", "Limitations:",
+                   f'dent.load_model("resnet26_1", checkpoint="{weights}")'):  # outside the package: by its path
         assert needle in text, needle
+
+
+def test_exports_go_to_a_user_directory_unless_the_package_is_asked_for(tmp_path, monkeypatch):
+    from dent.models.reference import CHECKPOINT_DIR
+    from dent.training.export import export_directory
+
+    monkeypatch.setenv("DENT_MODEL_DIR", str(tmp_path / "models"))
+    assert export_directory(None, CHECKPOINT_DIR) == (tmp_path / "models" / "exported", False)
+    assert export_directory("package", CHECKPOINT_DIR) == (CHECKPOINT_DIR, True)
+    assert export_directory(tmp_path / "mine", CHECKPOINT_DIR) == (tmp_path / "mine", False)
+    cfg = tiny_config("nominal", "model.arch", "resnet26_1", "train.holdout", "10", "train.batch_size", "16")
+    run_dir = tmp_path / "run"
+    train(cfg, data=carve_holdout(synthetic_split(42, size=32), cfg.train), build=default_builder(10),
+          run_dir=run_dir, console=False)
+    weights, card = export_reference_checkpoint(run_dir, "mine")
+    assert weights.parent == tmp_path / "models" / "exported" and card.is_file()
 
 
 def test_export_refuses_unfinished_runs(tmp_path):

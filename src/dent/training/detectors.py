@@ -228,7 +228,10 @@ def holdout_metrics(detector: Detector, cfg: TrainConfig, clean: torch.Tensor,
 def export_detector(run_dir: Path, name: str, directory: Optional[Path] = None) -> tuple[Path, Path]:
     """Copy a finished run's detector to ``directory/<name>.safetensors`` (default: the stored detectors) and
     write its card ``<name>.md``."""
-    run_dir, directory = Path(run_dir), Path(directory) if directory is not None else DETECTOR_DIR
+    from dent.training.export import export_directory
+
+    run_dir = Path(run_dir)
+    directory, in_package = export_directory(directory, DETECTOR_DIR)
     source, metrics_file = run_dir / DETECTOR_FILE, run_dir / METRICS_FILE
     if not source.is_file() or not metrics_file.is_file():
         raise ConfigError(f"{run_dir} holds no fitted detector ({DETECTOR_FILE}, {METRICS_FILE}): run the detector "
@@ -239,18 +242,22 @@ def export_detector(run_dir: Path, name: str, directory: Optional[Path] = None) 
     with writing(weights, "stored detector"):
         directory.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, weights)
-        card.write_text(detector_card(name, metrics, config))
+        card.write_text(detector_card(name if in_package else str(weights), metrics, config, title=name))
     return weights, card
 
 
-def detector_card(name: str, metrics: dict[str, Any], config: str) -> str:
-    """The card of a stored detector: what it watches, how it was fitted, what it measured held out."""
+def detector_card(name: str, metrics: dict[str, Any], config: str, title: str | None = None) -> str:
+    """The card of a stored detector: what it watches, how it was fitted, what it measured held out; ``name``: how
+    the ``detector`` kind finds it (its stored name, or its file's path outside the package)."""
+    from dent.training.export import license_lines
+
+    terms = "\n".join(license_lines("detector"))
     low, high = metrics["tpr_interval"] or (float("nan"), float("nan"))
     auc_low, auc_high = metrics.get("roc_auc_interval") or (None, None)  # cards written before it had none
     auc_interval = f" [95% interval {auc_low:.3f}, {auc_high:.3f}]" if auc_low is not None else ""
     resumed = (f" (the PGD examples of {metrics['pgd_batches_resumed']} batches were made by an earlier run and "
                "kept in its run directory: their time is not included)" if metrics.get("pgd_batches_resumed") else "")
-    return f"""# {name}
+    return f"""# {title or name}
 
 A detector stored by `dent train --export` (dent.training.detectors); use it as the defense
 `{{kind: detector, checkpoint: {name}}}` around the model `{metrics['watched']}`, and only that model (the file
@@ -267,6 +274,7 @@ records its weights digest).
   [95% interval {100 * low:.1f}, {100 * high:.1f}]. These are detector-unaware examples: the attack that
   broke detectors (docs/defenses.md, Detection) is measured by the security tables.
 
+{terms}
 ## Config
 
 ```yaml

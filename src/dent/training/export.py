@@ -23,15 +23,16 @@ def export_reference_checkpoint(
 ) -> tuple[Path, Path]:
     """Write ``<name>.safetensors`` (fp16 weights, architecture in the metadata) and ``<name>.md`` (model card).
 
-    ``directory`` defaults to the reference slot ``src/dent/models/checkpoints/``; register the model in
-    :mod:`dent.models.reference` with the ``register_reference`` line printed in the card.
+    ``directory`` defaults to a user directory (:func:`export_directory`); ``"package"`` is the reference slot
+    ``src/dent/models/checkpoints/``, where the model is registered in :mod:`dent.models.reference` with the
+    ``register_reference`` line printed in the card.
     """
     from dent.models import build_model, save_reference
     from dent.models.reference import CHECKPOINT_DIR
 
     run_dir = Path(run_dir)
     ckpt = finished_run(run_dir, name, allow_unfinished)
-    out_dir = export_directory(directory, CHECKPOINT_DIR)
+    out_dir, in_package = export_directory(directory, CHECKPOINT_DIR)
     arch = ckpt["arch"]
     model = build_model(arch)
     model.load_state_dict(ckpt["model"])
@@ -48,7 +49,8 @@ def export_reference_checkpoint(
         },
     )
     card = out_dir / f"{name}.md"
-    card.write_text(model_card(name, ckpt, run_dir, threat_model(train_cfg, ckpt["recipe"])), encoding="utf-8")
+    card.write_text(model_card(name, ckpt, run_dir, threat_model(train_cfg, ckpt["recipe"]),
+                               None if in_package else weights), encoding="utf-8")
     return weights, card
 
 
@@ -68,9 +70,35 @@ def finished_run(run_dir: Path, name: str, allow_unfinished: bool = False) -> di
     return ckpt
 
 
-def export_directory(directory: str | Path | None, default: Path) -> Path:
-    return output_dir(directory if directory is not None else default, "export directory",
-                      "choose another one (--export-dir DIR); the trained run is kept")
+#: ``--export-dir package``: write into the installed package's slot (for the project's developers).
+PACKAGE = "package"
+
+
+def export_directory(directory: str | Path | None, package_slot: Path) -> tuple[Path, bool]:
+    """Where an export goes, and whether that is the package: a user directory by default (``exported/`` in the
+    model directory, ``$DENT_MODEL_DIR`` or ``./models``), the package's ``package_slot`` only when asked."""
+    from dent.models.zoo import resolve_model_dir
+
+    if directory is None:
+        path = resolve_model_dir() / "exported"
+    else:
+        path = package_slot if str(directory) == PACKAGE else Path(directory)
+    return output_dir(path, "export directory", "choose another one (--export-dir DIR); the trained run is kept"), \
+        path == package_slot
+
+
+def license_lines(what: str) -> list[str]:
+    """The card's license, data and limitations."""
+    return [
+        "## License, data and limitations",
+        "",
+        f"- License: MIT, as dent (the {what} and this card). Data: CIFAR-10 (Krizhevsky 2009; the training split "
+        "only, the test split for the figures above), distributed for research by its authors.",
+        "- Limitations: trained for a few epochs on a CPU, far from the accuracy of GPU-trained models; every figure "
+        "here is from the data and attack stated, not a guarantee of robustness (evaluate it with the attacks "
+        "that fit your threat model: docs/evaluation.md, docs/adaptive_attacks.md).",
+        "",
+    ]
 
 
 #: The test images a density model's card measures its bits per dimension on (all of CIFAR-10's).
@@ -90,7 +118,7 @@ def export_density_model(
 
     run_dir = Path(run_dir)
     ckpt = finished_run(run_dir, name)
-    out_dir = export_directory(directory, PURIFIER_DIR)
+    out_dir, in_package = export_directory(directory, PURIFIER_DIR)
     models = RECIPES.get(ckpt["recipe"]).models
     if models is None:
         raise ExportError(f"{str(run_dir)!r} trained a classifier (recipe {ckpt['recipe']}), not a density model")
@@ -107,16 +135,20 @@ def export_density_model(
     stored = load_density_model(str(weights))
     test_bpd = heldout_bits_per_dim(stored, test.images[:n], cfg)["heldout_bits_per_dim"]
     card = out_dir / f"{name}.md"
-    card.write_text(density_card(name, ckpt, run_dir, model, test_bpd, n), encoding="utf-8")
+    card.write_text(density_card(name if in_package else str(weights), ckpt, run_dir, model, test_bpd, n,
+                                 title=name), encoding="utf-8")
     return weights, card
 
 
-def density_card(name: str, ckpt: dict[str, Any], run_dir: Path, model: Any, test_bpd: float, n_test: int) -> str:
+def density_card(name: str, ckpt: dict[str, Any], run_dir: Path, model: Any, test_bpd: float, n_test: int,
+                 title: str | None = None) -> str:
+    """The card of an exported density model; ``name``: how the ``pixeldefend`` kind finds it (its stored name,
+    or its file's path outside the package)."""
     cfg, t = ckpt["config"], ckpt["config"]["train"]
     last = ckpt["history"][-1]
     params = sum(p.numel() for p in model.parameters())
     lines = [
-        f"# {name}",
+        f"# {title or name}",
         "",
         f"{ckpt['arch']} density model ({params} parameters) trained with the dent `{ckpt['recipe']}` recipe on "
         f"{cfg['data']['dataset']} for {ckpt['epoch']} epochs: {test_bpd:.3f} bits per dimension on {n_test} test "
@@ -150,6 +182,7 @@ def density_card(name: str, ckpt: dict[str, Any], run_dir: Path, model: Any, tes
         "et al. 2016, Salimans et al. 2017), so PixelDefend with it purifies towards a coarser density than Song "
         "et al.'s. Trained on CIFAR-10's training split only; for research on adversarial purification.",
         "",
+        *license_lines("density model"),
         "## Use",
         "",
         "As PixelDefend's density model: `defenses: {pixeldefend: {kind: pixeldefend, density_model: "
@@ -206,7 +239,9 @@ def _config_lines(cfg: dict[str, Any]) -> list[str]:
     return ["## Full training config", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).rstrip(), "```", ""]
 
 
-def model_card(name: str, ckpt: dict[str, Any], run_dir: Path, threat: str | None) -> str:
+def model_card(name: str, ckpt: dict[str, Any], run_dir: Path, threat: str | None,
+               weights: Path | None = None) -> str:
+    """The card of an exported model; ``weights``: its file outside the package (None: in the package slot)."""
     cfg = ckpt["config"]
     t = cfg["train"]
     recipe, arch, epochs = ckpt["recipe"], ckpt["arch"], ckpt["epoch"]
@@ -253,13 +288,13 @@ def model_card(name: str, ckpt: dict[str, Any], run_dir: Path, threat: str | Non
         "",
         f"Training curves: `{run_dir / CURVES_FILE}`; log and history in `{run_dir}`.",
         "",
+        *license_lines("model"),
         "## Use",
         "",
-        "Register it in `src/dent/models/reference.py`:",
-        "",
-        "```python",
-        f'register_reference("{name}", "{arch}"{kwargs})',
-        "```",
+        *(["Register it in `src/dent/models/reference.py`:", "", "```python",
+           f'register_reference("{name}", "{arch}"{kwargs})', "```"] if weights is None else
+          [f"`dent.load_model(\"{arch}\", checkpoint=\"{weights}\")`, or on the command line "
+           f"`model.arch {arch} model.checkpoint {weights}`."]),
         "",
         *_config_lines(cfg),
     ]

@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--export-dir", metavar="DIR", default=None,
-        help="where --export writes (default: the reference slot src/dent/models/checkpoints/, for a detector "
+        help="where --export writes (default: exported/ in the model directory, $DENT_MODEL_DIR or ./models); "
+             "'package': into dent's package, for its developers (src/dent/models/checkpoints/, for a detector "
              "src/dent/defenses/detection/checkpoints/, for a density model src/dent/defenses/purification/checkpoints/)",
     )
 
