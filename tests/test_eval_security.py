@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from dent.evaluation.report import markdown, to_json
 from dent.evaluation.security import (
@@ -228,3 +229,38 @@ def test_a_zero_or_nan_plain_gradient_is_flagged_as_gradient_masking(counts, ok)
     # Stores written before the check have no counts: nothing is claimed either way.
     assert not [c for c in sanity_checks(summarize([record("dent", None, None, clean=[0, 1, 2, 3]), attacked]))
                 if c.kind == "gradient"]
+
+
+def test_evaluation_keeps_the_adversarial_inputs_of_each_attacked_unit_when_asked(tmp_path):
+    import yaml
+
+    from dent.defenses import Dent, DentConfig
+    from dent.evaluation.config import EvaluateConfig
+    from dent.evaluation.runner import ADVERSARIAL_DIR, evaluate
+    from dent.evaluation.store import ResultStore
+    from dent.models.checkpoints import read_safetensors_metadata, read_state_dict
+    from eval_support import fake_data, tiny_net
+
+    net = tiny_net()
+    data = fake_data(8, model=net)
+    cfg = EvaluateConfig.load(None, [
+        "device", "cpu", "data.n_images", "8", "data.batch_size", "4", "evaluation.progress", "false",
+        "evaluation.report", "false", "attack.threats", "[Linf:32/255]", "attack.n_iter", "2",
+        "attack.n_target_classes", "1", "attack.name", "through_adaptation", "evaluation.save_adversarial", "true",
+    ], file_defaults={"defenses": yaml.safe_load("{dent: {steps: 2, lr: 0.05}}")})
+    run = evaluate(cfg, model=net, data=data, run_dir=tmp_path / "run")
+    files = sorted((run.run_dir / ADVERSARIAL_DIR).glob("*.safetensors"))
+    with ResultStore(run.store_path, create=False) as store:
+        records = {r.key: r for r in store.records() if r.kind != "clean"}
+    assert {f.stem for f in files} == set(records)  # one file per attacked unit, named by its key
+    dent = Dent(net, DentConfig(steps=2, lr=0.05))
+    for path in files:
+        tensors, record = read_state_dict(path), records[path.stem]
+        assert read_safetensors_metadata(path)["dent.unit_key"] == path.stem
+        x = data.images[tensors["positions"]]
+        for label, pred in record.result["pred"].items():
+            x_adv = tensors[f"x_adv/{label}"]
+            assert (x_adv - x).abs().max() <= 32 / 255 + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1
+            with torch.no_grad():
+                assert dent(x_adv).argmax(1).tolist() == pred  # resubmitted, they give the stored answers
+        assert tensors["worst"].shape == x.shape and tensors["labels"].tolist() == record.result["labels"]

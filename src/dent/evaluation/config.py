@@ -41,6 +41,8 @@ class EvaluationSection(Section):
     # of one config can run in separate processes or machines; `dent report DIR...` merges them.
     shard: Annotated[str, NON_RESULT] = "1/1"
     progress: Annotated[bool, NON_RESULT] = True  # progress bars (with ETA)
+    # keep each attacked unit's adversarial inputs (the adaptive attacks return them) in RUN_DIR/adversarial/
+    save_adversarial: Annotated[bool, NON_RESULT] = False
     # write the report (markdown, CSV, JSON, PNG) into the run directory when done
     report: Annotated[bool, NON_RESULT] = True
     # Repeat the evaluation R times; repeat r attacks with seed `seed + r` (repeat 0 is the evaluation of

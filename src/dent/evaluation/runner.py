@@ -198,9 +198,11 @@ def expected_queries(point) -> Optional[int]:
 
 
 def run_unit(unit: Unit, defended: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
-             device: torch.device, seed: int, progress: bool = False, clean_draws: int = 1) -> dict[str, Any]:
+             device: torch.device, seed: int, progress: bool = False, clean_draws: int = 1,
+             adversarial_dir: Optional[Path] = None) -> dict[str, Any]:
     """Compute one unit's per-point results (JSON-ready); a randomized defense's clean prediction is drawn
-    ``clean_draws`` times (``notes.clean_draws``, the first being ``clean_pred``)."""
+    ``clean_draws`` times (``notes.clean_draws``, the first being ``clean_pred``). With ``adversarial_dir``, an
+    attack's adversarial inputs (where it returns them) are saved there as ``<unit key>.safetensors``."""
     index = torch.tensor(unit.positions, dtype=torch.long)
     x = images[index].to(device)
     y = labels[index].to(device)
@@ -222,10 +224,28 @@ def run_unit(unit: Unit, defended: nn.Module, images: torch.Tensor, labels: torc
             outcome = runner(counted, x, y, unit.point, device=device, seed=seed, progress=progress)
     else:
         outcome = runner(defended, x, y, unit.point, device=device, seed=seed, progress=progress)
+    if adversarial_dir is not None and outcome.x_adv:
+        save_adversarial(adversarial_dir / f"{unit.key}.safetensors", unit, outcome, y)
     result["robust"] = {label: flags.cpu().bool().tolist() for label, flags in outcome.robust.items()}
     result["pred"] = {label: pred.cpu().tolist() for label, pred in outcome.pred.items()}
     result["notes"] = outcome.notes
     return result
+
+
+#: Where ``evaluation.save_adversarial`` keeps the adversarial inputs, in the run directory.
+ADVERSARIAL_DIR = "adversarial"
+
+
+def save_adversarial(path: Path, unit: Unit, outcome: Any, labels: torch.Tensor) -> None:
+    """One unit's adversarial inputs: each label's (``x_adv/<label>``), each point's worst case (``worst``), the
+    labels and positions in the evaluation subset; metadata: the unit's description and key."""
+    from dent.models.checkpoints import save_safetensors
+
+    tensors = {f"x_adv/{label}": x for label, x in outcome.x_adv.items()}
+    tensors.update(worst=outcome.worst_case_inputs(), labels=labels.cpu(),
+                   positions=torch.tensor(unit.positions, dtype=torch.long))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors(tensors, path, {"dent.unit": unit.describe(), "dent.unit_key": unit.key}, dtype=None)
 
 
 def evaluate(
@@ -317,7 +337,8 @@ def _evaluate(cfg, store: ResultStore, run_dir, chash, device, model, subsets, u
         t0 = time.perf_counter()
         images, labels = subsets[unit.context["data"]["subset_seed"]]
         result = run_unit(unit, defended[unit.defense], images, labels, device=device, seed=unit.seed,
-                          progress=cfg.evaluation.progress, clean_draws=cfg.evaluation.clean_draws)
+                          progress=cfg.evaluation.progress, clean_draws=cfg.evaluation.clean_draws,
+                          adversarial_dir=run_dir / ADVERSARIAL_DIR if cfg.evaluation.save_adversarial else None)
         seconds = time.perf_counter() - t0
         record = UnitRecord(
             key=unit.key, config_hash=chash, kind=unit.kind, defense=unit.defense, attack=unit.attack_label,
