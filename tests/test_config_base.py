@@ -81,3 +81,20 @@ def test_every_config_header_says_its_budget_and_a_full_budget_one_gives_the_red
     assert re.search(r"budget", header, re.I), f"{path.name}: its header does not say its budget"
     if re.search(r"full budget|budget: full", header, re.I) and not re.search(r"cpu-sized", header, re.I):
         assert re.search(r"reduced", header, re.I), f"{path.name}: full budget without the reduced variant beside it"
+
+
+def test_config_show_names_each_key_s_source(capsys):
+    from dent.cli.main import main
+
+    assert main(["config", "show", "--for", "train", "--cfg", "cfgs/train/cpu_dynat_inner_resnet26_1.yaml",
+                 "train.lr", "0.05"]) == 0
+    lines = dict(line.split("  # ") for line in capsys.readouterr().out.splitlines())
+    sources = {line.split(":")[0]: source for line, source in lines.items()}
+    assert sources["train.dynat.inner"] == "file cfgs/train/cpu_dynat_inner_resnet26_1.yaml"
+    assert sources["train.recipe"] == "file cfgs/train/cpu_dynat_resnet26_1.yaml"  # from a base file
+    assert sources["train.attack.steps"] == "file cfgs/train/cpu_pgd_at_resnet26_1.yaml"
+    assert sources["train.lr"] == "override" and sources["train.dynat.guide_arch"] == "default"
+    assert main(["config", "show", "--cfg", "cfgs/dent_plus.yaml", "defenses.dent_plus.steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "defenses.dent_plus.steps: 2" in out and "# override" in out
+    assert "defenses.dent.steps" not in out  # the file's defenses replace the defaults' whole

@@ -9,6 +9,7 @@ defaults <- ``--cfg`` YAML <- ``KEY VALUE`` overrides and validated once; its re
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Iterable, Optional, TypeVar
 
@@ -16,7 +17,7 @@ from pydantic import AfterValidator, Field
 
 from dent.confbase import NON_RESULT, Section, deep_merge, override_pairs, parse_overrides, read_yaml, validated
 from dent.errors import ConfigError
-from dent.identity import flat_hash, result_tree
+from dent.identity import flat_hash, flatten, result_tree
 from dent.runtime import DEVICE_CHOICES
 from dent.threat import ThreatModel
 from dent.tracking import Tracking
@@ -77,6 +78,27 @@ ConfigT = TypeVar("ConfigT", bound="CommandConfig")
 BASE_KEY = "base"
 
 
+def file_chain(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    """A config file and the files it is based on (``base:``), the first base first: each with its own keys."""
+    chain: list[tuple[Path, dict[str, Any]]] = []
+    path = Path(path)
+    while True:
+        data = read_yaml(path)
+        base = data.pop(BASE_KEY, None)
+        chain.insert(0, (path, data))
+        if base is None:
+            return chain
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"config file {str(path)!r}: {BASE_KEY!r} must be the path of another config file "
+                              f"(relative to this one), got {base!r}")
+        base_path = Path(os.path.normpath(path.parent / base))
+        seen = [p.resolve() for p, _ in chain]
+        if base_path.resolve() in seen:
+            cycle = " -> ".join(str(p) for p in (*reversed(seen), base_path.resolve()))
+            raise ConfigError(f"config file {str(path)!r}: {BASE_KEY!r} {base!r} makes a cycle ({cycle})")
+        path = base_path
+
+
 class CommandConfig(Section):
     """Base of a command's config: where its outputs go, how it is loaded and how its run directory is named."""
 
@@ -134,26 +156,36 @@ class CommandConfig(Section):
                 )
 
     @classmethod
-    def read_file(cls, path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    def read_file(cls, path: str | Path) -> dict[str, Any]:
         """A config file's sections over those of the file it names as ``base`` (a path relative to it).
 
         A file that differs from another in a few keys says ``base: other.yaml`` and only those keys, instead
         of a pasted copy that drifts; bases may have bases of their own.
         """
-        path = Path(path)
-        data = read_yaml(path)
-        base = data.pop(BASE_KEY, None)
-        if base is None:
-            return data
-        if not isinstance(base, str) or not base:
-            raise ConfigError(f"config file {str(path)!r}: {BASE_KEY!r} must be the path of another config file "
-                              f"(relative to this one), got {base!r}")
-        chain = (*_chain, path.resolve())
-        base_path = (path.parent / base).resolve()
-        if base_path in chain:
-            cycle = " -> ".join(str(p) for p in (*chain, base_path))
-            raise ConfigError(f"config file {str(path)!r}: {BASE_KEY!r} {base!r} makes a cycle ({cycle})")
-        return cls.merged(cls.read_file(base_path, chain), data)
+        data: dict[str, Any] = {}
+        for _, own in file_chain(path):
+            data = cls.merged(data, own)
+        return data
+
+    @classmethod
+    def key_sources(cls: type[ConfigT], cfg_file: str | Path | None, overrides: Iterable[str] = ()
+                    ) -> tuple[ConfigT, dict[str, str]]:
+        """The resolved config and, for each of its dotted keys, where its value comes from: ``default``, the
+        config file that sets it (``file PATH``, a base file too), or ``override``."""
+        cfg = cls.load(cfg_file, overrides)
+        given: dict[str, str] = {}
+        for path, own in (file_chain(cfg_file) if cfg_file is not None else []):
+            for section in cls.replaced_whole & own.keys():  # the file's entries replace the earlier ones
+                given = {k: v for k, v in given.items() if not k.startswith(f"{section}.")}
+            given.update({key.lower(): f"file {path}" for key in flatten(own)})
+        changed = [key.strip().lower() for key, _ in override_pairs(overrides)]
+        sources = {}
+        for key in flatten(cfg.to_dict()):
+            if any(key == c or key.startswith(f"{c}.") for c in changed):
+                sources[key] = "override"
+            else:
+                sources[key] = given.get(key, "default")
+        return cfg, sources
 
     @classmethod
     def merged(cls, under: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
