@@ -279,3 +279,20 @@ def test_blur_sources_of_a_defense_without_a_blur_are_the_static_model(defended)
     assert out.notes["sources"]["blur"]["source"] == "static" and "no input blur" in out.notes["sources"]["blur"]["why"]
     assert torch.equal(out.robust["static:ensemble"], out.robust["blur:ensemble"])
     assert "from static+blur+adapted_blur" in p.label
+
+
+@pytest.mark.parametrize("name, extra", [
+    ("autoattack", {"version": "custom", "attacks": ["apgd-ce"], "threats": ["Linf:32/255"]}),
+    ("pgd", {"threats": ["Linf:32/255"]}),
+    ("declared_apgd", {"threats": ["Linf:32/255"]}),
+    ("cw_l2", {"threats": ["L2:0.5"], "cw": {"search_steps": 1}}),
+])
+def test_the_other_runners_return_their_adversarial_inputs_in_the_ball_too(defended, name, extra):
+    dent, x, y = defended
+    p = point(name=name, n_iter=[2], n_restarts=1, **extra)
+    out = ATTACKS.get(name)(dent, x, y, p, device="cpu", seed=0)
+    assert list(out.x_adv) == list(out.robust)
+    for x_adv in out.x_adv.values():
+        assert x_adv.shape == x.shape and x_adv.min() >= 0 and x_adv.max() <= 1
+        distance = (x_adv - x).flatten(1).norm(dim=1).max() if name == "cw_l2" else (x_adv - x).abs().max()
+        assert distance <= p.eps + 1e-5

@@ -121,9 +121,9 @@ def _one_run(model, x, y, point, attacks, *, device, seed):
     aa = build_autoattack(model, point, attacks, device=device, seed=seed)
     _reset_dynamic_check()
     with _collect_log() as log:
-        _, y_adv = aa.run_standard_evaluation(x, y, batch_size=len(x))
+        x_adv, y_adv = aa.run_standard_evaluation(x, y, batch_size=len(x))
     y_adv = y_adv.detach().cpu()
-    return y_adv.eq(y.cpu()), y_adv, log
+    return y_adv.eq(y.cpu()), y_adv, x_adv.detach().cpu(), log
 
 
 def autoattack_runs(point: AttackPoint) -> list[tuple[str, list[str]]]:
@@ -151,9 +151,9 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, point: At
     model = PlainGradient(model)  # a defense computed outside autograd: zero gradient, not an error
     runs = autoattack_runs(point)
 
-    robust, pred, attacked, warnings = {}, {}, {}, []
+    robust, pred, inputs, attacked, warnings = {}, {}, {}, {}, []
     for label, attack_list in runs:
-        flags, y_adv, log = _one_run(model, x, y, point, attack_list, device=device, seed=seed)
+        flags, y_adv, inputs[label], log = _one_run(model, x, y, point, attack_list, device=device, seed=seed)
         robust[label], pred[label] = flags, y_adv
         attacked[label] = log.attacked
         warnings += [w for w in log.warnings if w not in warnings]
@@ -162,4 +162,4 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, point: At
         "warnings": warnings,
         "attacked_batch_sizes": attacked,  # label -> attack -> sizes of the sub-batches it submitted
     }
-    return AttackOutcome(robust=robust, pred=pred, notes=notes)
+    return AttackOutcome(robust=robust, pred=pred, notes=notes, x_adv=inputs)

@@ -146,7 +146,8 @@ def run_cw_l2(model: nn.Module, x: Tensor, y: Tensor, point: Any, *, device, see
              "l2": found, "median_l2": statistics.median(norms) if norms else None}
     if rejecting:
         notes["detection"] = detection_notes(answers)
-    return AttackOutcome(robust={"cw_l2": robust.cpu()}, pred={"cw_l2": pred.cpu()}, notes=notes)
+    return AttackOutcome(robust={"cw_l2": robust.cpu()}, pred={"cw_l2": pred.cpu()}, notes=notes,
+                         x_adv={"cw_l2": submitted.detach().cpu()})
 
 
 #: The runner counts a detector's rejection as defended (the evaluation runner refuses other attacks on detectors).

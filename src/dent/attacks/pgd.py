@@ -163,7 +163,8 @@ def run_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, point, *, device
     if rejecting:
         with torch.no_grad():
             notes["detection"] = detection_notes(model(result.x_adv))
-    return AttackOutcome(robust={"pgd": robust.cpu()}, pred={"pgd": pred.cpu()}, notes=notes)
+    return AttackOutcome(robust={"pgd": robust.cpu()}, pred={"pgd": pred.cpu()}, notes=notes,
+                         x_adv={"pgd": result.x_adv.detach().cpu()})
 
 
 @torch.no_grad()

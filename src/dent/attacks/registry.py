@@ -28,8 +28,8 @@ class AttackOutcome:
     robust: dict[str, torch.Tensor]
     pred: dict[str, torch.Tensor]
     notes: dict[str, Any] = field(default_factory=dict)
-    #: per label, the adversarial input [B, C, H, W] of each point whose answer ``pred[label]`` is (the adaptive
-    #: attacks fill it; torchattacks' ``attack(model, x, y) -> x_adv``)
+    #: per label, the adversarial input [B, C, H, W] of each point whose answer ``pred[label]`` is (torchattacks'
+    #: ``attack(model, x, y) -> x_adv``; AutoAttack's are its final inputs, answered in its re-batched sub-batches)
     x_adv: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def worst_case_inputs(self) -> torch.Tensor:
@@ -37,7 +37,7 @@ class AttackOutcome:
         the input that realizes its per-point worst case."""
         labels = list(self.x_adv)
         if not labels:
-            raise ValueError("this attack returned no adversarial inputs (only the adaptive attacks do)")
+            raise ValueError("this attack returned no adversarial inputs")
         chosen = self.x_adv[labels[-1]].clone()
         decided = torch.zeros(len(chosen), dtype=torch.bool)
         for label in labels:

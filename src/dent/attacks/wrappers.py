@@ -137,13 +137,14 @@ def run_declared_apgd(model: nn.Module, x: Tensor, y: Tensor, point: Any, *, dev
     attacked = gradient_view(model)
     eot = eot_draws(model, point.eot_iter)
     budget = {key: getattr(point, key) or default for key, default in DECLARED_BUDGET.items()}
-    robust, pred = {}, {}
+    robust, pred, inputs = {}, {}, {}
     for sub in DECLARED_SUB_ATTACKS:
         res = apgd_batch(attacked, x, y, attack=sub, norm=point.norm, eps=point.eps, seed=seed, eot_iter=eot,
                          **budget)
+        inputs[sub] = res.x_adv.detach().cpu()
         with torch.no_grad():
             pred[sub] = model(res.x_adv).argmax(dim=1)
         robust[sub] = res.robust & (pred[sub] == y)
     notes = {"view": describe_view(model, point.eot_iter), "budget": {**budget, "eot_iter": eot}}
     return AttackOutcome(robust={k: v.cpu() for k, v in robust.items()},
-                         pred={k: v.cpu() for k, v in pred.items()}, notes=notes)
+                         pred={k: v.cpu() for k, v in pred.items()}, notes=notes, x_adv=inputs)
