@@ -134,3 +134,5 @@ def test_density_model_files_that_are_missing_or_foreign_are_refused_clearly(tmp
         load_density_model(str(foreign))
     with pytest.raises(Exception, match="no trained density model"):
         parse_defense({"kind": "pixeldefend", "density_model": str(tmp_path / "missing.safetensors")})
+    with pytest.raises(Exception, match="greater than or equal to 0"):
+        parse_defense({"kind": "pixeldefend", "eps_defend": -1})

@@ -192,7 +192,7 @@ class PixelDefendConfig(Section):
     kind: Literal["pixeldefend"] = "pixeldefend"
     # a stored density model's name (dent.defenses.purification.stored) or the path of its .safetensors file
     density_model: str = "pixelcnn_cifar10"
-    eps_defend: PixelFloat = 16 / 255  # Song et al.: 16/255 against an 8/255 attacker on CIFAR-10
+    eps_defend: Annotated[PixelFloat, Field(ge=0, le=1)] = 16 / 255  # Song et al.: 16/255 against an 8/255 attacker
     # the file's digest, filled in when the run is resolved: results are keyed by the density model actually used
     digest: Optional[str] = None
 
