@@ -75,6 +75,11 @@ def test_cli_trains_resumes_and_refuses_another_config(tmp_path, capsys, cifar10
     assert "dent train --cfg cfgs/train/cpu_fgsm_rs_resnet26_1.yaml" in card and "--resume" in card
 
 
+def test_a_density_model_recipe_refuses_the_early_stop_it_cannot_check(capsys):
+    assert main(["train", "--cfg", "cfgs/train/pixelcnn_cifar10.yaml", "train.early_stop.enabled", "true"]) == 2
+    assert "train.early_stop watches held-out PGD accuracy" in capsys.readouterr().err
+
+
 def test_cli_trains_a_pixelcnn_and_exports_it_with_its_test_bits_per_dim(tmp_path, capsys, cifar10_dir, monkeypatch):
     from dent.defenses.kinds import build_defense, parse_defense
     from dent.training import export

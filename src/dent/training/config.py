@@ -197,6 +197,12 @@ def _readers(options: list[str]) -> dict[str, tuple[str, ...]]:
     return {option: option_readers()[option] for option in options}
 
 
+def _trains_a_density_model(recipe: str) -> bool:
+    from dent.training.recipes import RECIPES
+
+    return RECIPES.get(recipe).models is not None
+
+
 #: The ``train`` sections that belong to recipes (each read by the recipes that name it in ``Recipe.options``).
 RECIPE_OPTIONS = ("trades", "alp", "dynat", "distillation", "gradient_penalty", "awp", "detector")
 
@@ -254,6 +260,9 @@ class TrainSection(Section):
                     f"train.{option} applies to the recipe{'s' if len(recipes) > 1 else ''} {', '.join(recipes)}, "
                     f"not to train.recipe {self.recipe!r}; drop train.{option} or choose one of those recipes"
                 )
+        if self.early_stop.enabled and _trains_a_density_model(self.recipe):
+            raise ValueError(f"train.early_stop watches held-out PGD accuracy, which the density model of train.recipe "
+                             f"{self.recipe} does not have; drop train.early_stop.enabled")
         if self.recipe == "subnetwork_detector" and not self.detector.layer:
             raise ValueError("train.recipe subnetwork_detector needs train.detector.layer: the name of the layer "
                              "whose activations it reads (`dent models --layers NAME` lists them)")
