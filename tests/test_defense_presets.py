@@ -183,20 +183,21 @@ def recomputed_config(run: Path) -> EvaluateConfig:
     return EvaluateConfig.load(cfg_file, argv[:i] + argv[i + 2:])
 
 
-def with_detector_digests(cfg: EvaluateConfig) -> EvaluateConfig:
-    """``cfg`` with each stored detector's file digest filled in, as a run resolves it for its unit keys (the run
-    hash is of the config as given): the digest of the committed detector file, so a retrained detector changes
-    the keys, and the test says so."""
-    from dent.defenses.kinds import DetectorConfig
+def with_file_digests(cfg: EvaluateConfig) -> EvaluateConfig:
+    """``cfg`` with the file digest of each stored detector or density model filled in, as a run resolves it for
+    its unit keys (the run hash is of the config as given): the digest of the committed file, so a retrained
+    detector or PixelCNN changes the keys, and the test says so."""
+    from dent.defenses.kinds import DetectorConfig, PixelDefendConfig
 
-    defenses = {name: d.resolved() if isinstance(d, DetectorConfig) else d for name, d in cfg.defenses.items()}
+    stored_files = (DetectorConfig, PixelDefendConfig)
+    defenses = {name: d.resolved() if isinstance(d, stored_files) else d for name, d in cfg.defenses.items()}
     return cfg.model_copy(update={"defenses": defenses})
 
 
 @pytest.mark.parametrize("run", committed_runs(), ids=lambda run: str(run.relative_to(ROOT / "results")))
 def test_committed_stores_keep_their_unit_keys_and_run_hashes(run):
     cfg = recomputed_config(run)
-    resolved = with_detector_digests(cfg)
+    resolved = with_file_digests(cfg)
     with ResultStore(run / "results.sqlite", create=False) as store:
         stored_hash, stored = store.get_meta("config_hash"), store.get_meta("config")
         records = list(store.records())
