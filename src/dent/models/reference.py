@@ -141,3 +141,4 @@ register_reference("resnet26_1_gradpen", "resnet26_1")
 # The static-defense comparison (issue #16; cfgs/train/cpu_*_resnet26_1.yaml, 3 epochs each).
 register_reference("resnet26_1_pgd_at", "resnet26_1", threat_model="Linf")
 register_reference("resnet26_1_trades", "resnet26_1", threat_model="Linf")
+register_reference("resnet26_1_dynat", "resnet26_1", threat_model="Linf")
