@@ -22,7 +22,8 @@ from torch import nn
 from dent.defenses.kinds import build_defense, kind_name
 from dent.evaluation.config import EvaluateConfig
 from dent.evaluation.rundir import STORE_NAME
-from dent.evaluation.runner import Prepared, expected_queries, load_model_from_config, prepare
+from dent.evaluation.progress import attack_queries
+from dent.evaluation.runner import Prepared, load_model_from_config, prepare
 from dent.evaluation.store import ResultStore
 from dent.evaluation.units import CLEAN, Unit
 
@@ -45,7 +46,7 @@ class DefenseCost:
             self.calls += clean_draws
             self.seconds += clean_draws * self.forward_s
             return
-        queries = expected_queries(unit.point) if unit.point.name == "autoattack" else None
+        queries = attack_queries(unit)
         if queries is None:
             self.unknown_units += 1
         else:

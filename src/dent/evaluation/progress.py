@@ -23,14 +23,18 @@ UNKNOWN_QUERIES = 100
 QUERY_COST = 3.0
 
 
-def unit_weight(unit: Unit, defense_cost: float, clean_draws: int = 1) -> float:
-    """The expected cost of ``unit`` in forward passes of the model."""
+def attack_queries(unit: Unit) -> Optional[int]:
+    """At most how many defense calls an attacked unit makes, where that is known in advance (AutoAttack)."""
     from dent.evaluation.runner import expected_queries
 
+    return expected_queries(unit.point) if unit.point.name == "autoattack" else None
+
+
+def unit_weight(unit: Unit, defense_cost: float, clean_draws: int = 1) -> float:
+    """The expected cost of ``unit`` in forward passes of the model."""
     if unit.kind == CLEAN:
         return (QUERY_COST + clean_draws - 1) * defense_cost  # logits with the plain gradient, then more draws
-    queries = expected_queries(unit.point) if unit.point.name == "autoattack" else None
-    return (queries or UNKNOWN_QUERIES) * QUERY_COST * defense_cost
+    return (attack_queries(unit) or UNKNOWN_QUERIES) * QUERY_COST * defense_cost
 
 
 class UnitProgress:

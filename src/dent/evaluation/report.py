@@ -452,8 +452,9 @@ def to_json(summary: Summary) -> dict[str, Any]:
 
 
 # -- writing ----------------------------------------------------------------------------------------
-def write_report(paths: Iterable[str | Path], out_dir: str | Path) -> ReportFiles:
-    summary = load_summary(paths)
+def write_report(paths: Iterable[str | Path], out_dir: str | Path, summary: Optional[Summary] = None) -> ReportFiles:
+    """The report of the runs ``paths`` (``summary``: theirs, when the caller has already loaded it)."""
+    summary = summary if summary is not None else load_summary(paths)
     out_dir = output_dir(out_dir, "report directory", "choose another one (dent report --out DIR)")
     text = markdown(summary)
     files = ReportFiles(out_dir=out_dir, markdown=out_dir / "report.md", csv=out_dir / "results.csv",

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     done = results.run
     print(f"{done.n_run} unit(s) run, {done.n_skipped} resumed from the store, {done.seconds:.0f} s")
     if cfg.evaluation.report:
-        files = write_report([done.run_dir], done.run_dir / REPORT_DIR)
+        files = write_report([done.run_dir], done.run_dir / REPORT_DIR, summary=results.summary)
         print()
         print(results)
         print()
