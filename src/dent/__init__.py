@@ -13,7 +13,10 @@ Layers, with dependencies pointing one way: ``data`` and ``models`` -> ``defense
 
 from dent.data import Split, load_split, load_subset
 from dent.defenses import AffineMode, Dent, DentConfig, InputMode, StatsMode
+from dent.distribution import warn_if_conflicting_installation
 from dent.models import build_model, list_models, load_model
+
+warn_if_conflicting_installation()
 
 
 def benchmark_defenses(model, **kwargs):

@@ -22,16 +22,20 @@ from typing import Any
 import torch
 import yaml
 
-LIBRARIES = ("dent", "torch", "pyautoattack", "numpy", "pydantic")
+from dent.distribution import DISTRIBUTION
+
+#: The libraries a result's provenance records: label -> distribution name.
+LIBRARIES = {"dent": DISTRIBUTION, "torch": "torch", "pyautoattack": "pyautoattack", "numpy": "numpy",
+             "pydantic": "pydantic"}
 
 
 def library_versions() -> dict[str, str]:
     versions = {"python": sys.version.split()[0]}
-    for name in LIBRARIES:
+    for label, distribution in LIBRARIES.items():
         try:
-            versions[name] = metadata.version(name)
+            versions[label] = metadata.version(distribution)
         except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
+            versions[label] = "not installed"
     return versions
 
 
