@@ -131,6 +131,20 @@ def test_dry_run_prints_the_units_and_an_estimate_and_runs_nothing(capsys, small
     assert code == 0 and "units: 12 planned, 12 already stored, 0 to run" in out and "| static |" not in out
 
 
+def test_dry_run_of_the_cluster_job_times_an_architecture_whose_weights_are_not_here(capsys, small):
+    pytest.importorskip("ray", reason="cfgs/table1_security.yaml runs on Ray: pip install -e '.[ray]'")
+    code, out, err = run_cli(
+        capsys, "evaluate", "--cfg", REPO / "cfgs" / "table1_security.yaml", "model.arch", "Wong2020Fast",
+        "model.model_dir", small["root"] / "no-models", "data.dir", small["data"], "data.n_images", "8",
+        "data.batch_size", "8", "attack.version", "custom", "attack.attacks=[apgd-ce]", "attack.n_iter", "2",
+        "defenses.dent.steps", "1", "defenses.dent+.steps", "1", "evaluation.ray.workers", "4", "device", "cpu",
+        "output.root", small["root"] / "runs", "--dry-run")
+    assert code == 0, err
+    assert "timed on Wong2020Fast's architecture with random weights: its checkpoint is not on this machine" in out
+    assert "defense calls in all: " in out and "with evaluation.executor ray and 4 workers" in out
+    assert not (small["root"] / "runs").exists() and not (small["root"] / "no-models").exists()
+
+
 def test_benchmark_defenses_returns_the_table_of_the_same_dent_evaluate_run(capsys, tmp_path, cifar10_dir):
     """RobustBench's convention: one call, the table returned; on the shipped ResNet-18 at a tiny budget."""
     import json

@@ -236,7 +236,8 @@ def test_evaluation_keeps_the_adversarial_inputs_of_each_attacked_unit_when_aske
 
     from dent.defenses import Dent, DentConfig
     from dent.evaluation.config import EvaluateConfig
-    from dent.evaluation.runner import ADVERSARIAL_DIR, evaluate
+    from dent.evaluation.runner import evaluate
+    from dent.evaluation.unitrun import ADVERSARIAL_DIR
     from dent.evaluation.store import ResultStore
     from dent.models.checkpoints import read_safetensors_metadata, read_state_dict
     from eval_support import fake_data, tiny_net

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from enum import Enum
+from typing import Annotated, Optional
 
 from pydantic import Field, field_validator
 
@@ -28,6 +29,25 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+class Executor(str, Enum):
+    """Where an evaluation's units run (dent.evaluation.executors); results are the same either way."""
+
+    LOCAL = "local"  # every unit in this process, one after the other
+    RAY = "ray"  # units on Ray workers (the optional extra: pip install -e ".[ray]"; docs/scale_out.md)
+
+
+class RaySection(Section):
+    """``evaluation.ray``: where and how wide an evaluation runs with ``evaluation.executor ray``."""
+
+    # empty ('' or null) starts a local Ray instance for this run; 'auto' joins the cluster this machine is part
+    # of (`ray start`); 'host:port' (or 'ray://host:10001') joins that cluster's head
+    address: Optional[str] = None
+    workers: PositiveInt = 2  # concurrent workers (Ray actors), each holding the model and defenses
+    num_cpus: float = Field(1.0, gt=0)  # Ray resources per worker: CPUs (torch uses as many threads)
+    num_gpus: float = Field(0.0, ge=0)  # and GPUs; a fraction (0.25) packs several small-model workers on one GPU
+    max_retries: int = Field(2, ge=0)  # resubmissions of a unit whose worker died mid-unit
+
+
 class EvaluationSection(Section):
     """Settings of ``dent evaluate`` that are not the model, data, defenses or attack."""
 
@@ -41,6 +61,9 @@ class EvaluationSection(Section):
     # of one config can run in separate processes or machines; `dent report DIR...` merges them.
     shard: Annotated[str, NON_RESULT] = "1/1"
     progress: Annotated[bool, NON_RESULT] = True  # progress bars (with ETA)
+    # where the units run: this process, or Ray workers (evaluation.ray); the driver alone writes the store
+    executor: Annotated[Executor, NON_RESULT] = Executor.LOCAL
+    ray: Annotated[RaySection, NON_RESULT] = RaySection()
     # keep each attacked unit's adversarial inputs (the adaptive attacks return them) in RUN_DIR/adversarial/
     save_adversarial: Annotated[bool, NON_RESULT] = False
     # write the report (markdown, CSV, JSON, PNG) into the run directory when done

@@ -3,7 +3,7 @@
 The units are planned exactly as :func:`dent.evaluation.runner.evaluate` plans them (those already in the run's
 store are counted as done; the store is opened read-only and nothing is written). The cost is estimated from
 one timed call of each defense on one batch of the real data: a clean unit costs its clean draws in forward
-calls, an AutoAttack unit at most :func:`~dent.evaluation.runner.expected_queries` gradient queries (AutoAttack
+calls, an AutoAttack unit at most :func:`~dent.evaluation.unitrun.expected_queries` gradient queries (AutoAttack
 gives later attacks only the still-robust points, so the estimate is an upper bound); other attacks have no
 query count known in advance and are listed without an estimate.
 """
@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from dent.defenses.kinds import build_defense, kind_name
-from dent.evaluation.config import EvaluateConfig
+from dent.evaluation.config import EvaluateConfig, Executor
 from dent.evaluation.rundir import STORE_NAME
 from dent.evaluation.progress import attack_queries
 from dent.evaluation.runner import Prepared, load_model_from_config, prepare
 from dent.evaluation.store import ResultStore
+from dent.models.zoo import architecture_without_weights
 from dent.evaluation.units import CLEAN, Unit
 
 
@@ -60,6 +61,8 @@ class DryRun:
     stored: int
     batch_size: int
     costs: dict[str, DefenseCost] = field(default_factory=dict)
+    model_note: str = ""  # what the calls were timed on, when not the config's model itself
+    workers: int = 1  # concurrent workers (evaluation.ray.workers with the Ray executor)
 
     @property
     def pending(self) -> int:
@@ -83,8 +86,14 @@ class DryRun:
             unknown = f" + {c.unknown_units} unit(s) of attacks without a known query count" if c.unknown_units else ""
             lines.append(f"| {name} | {c.kind} | {c.units} | {c.calls}{unknown} | {c.forward_s:.3f} / {c.query_s:.3f} "
                          f"| {_duration(c.seconds)} |")
-        lines += ["", f"estimate: {_duration(self.seconds)} on this machine (an upper bound for AutoAttack: later "
-                      "attacks get only the still-robust points)"]
+        lines += ["", f"defense calls in all: {sum(c.calls for c in self.costs.values())} (at most)",
+                  f"estimate: {_duration(self.seconds)} on this machine's {p.device.type.upper()} (an upper bound "
+                  "for AutoAttack: later attacks get only the still-robust points)"]
+        if self.workers > 1:
+            lines.append(f"with evaluation.executor ray and {self.workers} workers of one such "
+                         f"device each: about {_duration(self.seconds / self.workers)} of wall time")
+        if self.model_note:
+            lines.append(self.model_note)
         return "\n".join(lines)
 
 
@@ -100,12 +109,19 @@ def dry_run(cfg: EvaluateConfig, model: Optional[nn.Module] = None) -> DryRun:
     images, labels = p.subsets[cfg.data.seed]
     batch = min(cfg.data.batch_size, len(labels))
     x, y = images[:batch].to(p.device), labels[:batch].to(p.device)
-    result = DryRun(p, len(p.units) - len(pending), batch)
+    workers = cfg.evaluation.ray.workers if cfg.evaluation.executor == Executor.RAY else 1
+    result = DryRun(p, len(p.units) - len(pending), batch, workers=workers)
     by_defense: dict[str, list[Unit]] = defaultdict(list)
     for unit in pending:
         by_defense[unit.defense].append(unit)
     if by_defense and model is None:
-        model = load_model_from_config(cfg)
+        if cfg.model.checkpoint is None:
+            model = architecture_without_weights(cfg.model.arch, cfg.model.threat_model, cfg.model.model_dir)
+        if model is not None:
+            result.model_note = (f"timed on {cfg.model.arch}'s architecture with random weights: its checkpoint is "
+                                 f"not on this machine (the weights do not change the cost)")
+        else:
+            model = load_model_from_config(cfg)
     for name, units in by_defense.items():
         config = units[0].defense_config
         defense = build_defense(model.to(p.device).eval(), config).to(p.device)

@@ -15,6 +15,7 @@ from typing import Optional
 
 from tqdm.auto import tqdm
 
+from dent.evaluation.unitrun import expected_queries
 from dent.evaluation.units import CLEAN, Unit
 
 #: Defense calls assumed for an attack whose query count is not known in advance (PGD, the adaptive attacks).
@@ -25,8 +26,6 @@ QUERY_COST = 3.0
 
 def attack_queries(unit: Unit) -> Optional[int]:
     """At most how many defense calls an attacked unit makes, where that is known in advance (AutoAttack)."""
-    from dent.evaluation.runner import expected_queries
-
     return expected_queries(unit.point) if unit.point.name == "autoattack" else None
 
 

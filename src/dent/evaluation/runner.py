@@ -7,7 +7,6 @@ can pass a model, a data split and a defense factory directly instead of loading
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -16,24 +15,23 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from dent.attacks.config import AAVersion
-from dent.attacks.masking import logits_and_plain_gradient
 from dent.attacks.registry import ATTACKS
 from dent.confbase import Section, as_section
 from dent.data.split import images_and_labels
 from dent.defenses.kinds import build_defense, resolved_defense
-from dent.defenses.detection import detection_notes, rejects
+from dent.defenses.detection import rejects
 from dent.defenses.protocol import traits_of
 from dent.errors import ConfigError
-from dent.evaluation.accuracy import predict
-from dent.evaluation.config import EvaluateConfig
+from dent.evaluation.config import EvaluateConfig, Executor
+from dent.evaluation.executors import UnitWork, UnitWorker, import_ray, run_locally, run_on_ray
 from dent.evaluation.rundir import LOG_NAME, open_run, run_hash
 from dent.evaluation.progress import UnitProgress, unit_weight
 from dent.evaluation.runlog import run_logging
 from dent.evaluation.store import STORE_NAME, ResultStore, UnitRecord
 from dent.evaluation.units import CLEAN, Unit, plan_units, repeat_context
+from dent.evaluation.unitrun import ADVERSARIAL_DIR
 from dent.identity import data_digest, file_digest, model_identity
 from dent.models.inputs import check_channels, input_channels
 from dent.runtime import resolve_device, use_deterministic_kernels
@@ -153,101 +151,6 @@ def plan(cfg: EvaluateConfig, identity: dict[str, dict[str, Any]], n_images: int
     )
 
 
-class QueryProgress(nn.Module):
-    """Passes calls through to ``model`` and counts them on a progress bar (AutoAttack has none)."""
-
-    def __init__(self, model: nn.Module, total: Optional[int]):
-        super().__init__()
-        self.model = model
-        self.total = total
-        self.bar = None
-
-    def __enter__(self) -> "QueryProgress":
-        self.bar = tqdm(total=self.total, desc="  queries", unit="query", leave=False, dynamic_ncols=True,
-                        disable=not sys.stderr.isatty())  # a log file gets one line per unit (UnitProgress)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.close()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
-        self.bar.update(1)
-        return out
-
-
-def expected_queries(point) -> Optional[int]:
-    """At most how many model calls AutoAttack makes on one batch (APGD attacks only; else unknown)."""
-    from dent.attacks.autoattack import DEFAULT_BUDGET
-
-    n_iter = point.n_iter or DEFAULT_BUDGET["n_iter"]
-    per_run = 8  # pyautoattack's checks (7 calls) and the initial clean prediction
-    per_attack = {
-        "apgd-ce": (point.n_restarts or DEFAULT_BUDGET["n_restarts"]) * (n_iter + 1) + 2,
-        "apgd-dlr": (point.n_restarts or DEFAULT_BUDGET["n_restarts"]) * (n_iter + 1) + 2,
-        "apgd-t": (point.n_target_classes or DEFAULT_BUDGET["n_target_classes"]) * (n_iter + 2) + 2,
-    }
-    if any(a not in per_attack for a in point.attacks):
-        return None
-    runs = []
-    if point.mode.value in ("individual", "both"):
-        runs += [[a] for a in point.attacks]
-    if point.mode.value in ("ensemble", "both"):
-        runs.append(list(point.attacks))
-    return sum(per_run + sum(per_attack[a] for a in run) for run in runs)
-
-
-def run_unit(unit: Unit, defended: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
-             device: torch.device, seed: int, progress: bool = False, clean_draws: int = 1,
-             adversarial_dir: Optional[Path] = None) -> dict[str, Any]:
-    """Compute one unit's per-point results (JSON-ready); a randomized defense's clean prediction is drawn
-    ``clean_draws`` times (``notes.clean_draws``, the first being ``clean_pred``). With ``adversarial_dir``, an
-    attack's adversarial inputs (where it returns them) are saved there as ``<unit key>.safetensors``."""
-    index = torch.tensor(unit.positions, dtype=torch.long)
-    x = images[index].to(device)
-    y = labels[index].to(device)
-    torch.manual_seed(seed)
-    result: dict[str, Any] = {"positions": list(unit.positions), "labels": y.cpu().tolist()}
-    if unit.kind == CLEAN:
-        logits, gradient = logits_and_plain_gradient(defended, x, y)
-        result["clean_pred"] = logits.argmax(dim=1).cpu().tolist()
-        result["notes"] = {"plain_gradient": gradient}
-        if rejects(defended):
-            result["notes"]["detection"] = detection_notes(logits)
-        if clean_draws > 1 and traits_of(defended).randomized:
-            result["notes"]["clean_draws"] = [result["clean_pred"]] + [
-                predict(defended, x, len(x), x.device, progress=False).tolist() for _ in range(clean_draws - 1)]
-        return result
-    runner = ATTACKS.get(unit.point.name)
-    if progress and unit.point.name == "autoattack":
-        with QueryProgress(defended, expected_queries(unit.point)) as counted:
-            outcome = runner(counted, x, y, unit.point, device=device, seed=seed, progress=progress)
-    else:
-        outcome = runner(defended, x, y, unit.point, device=device, seed=seed, progress=progress)
-    if adversarial_dir is not None and outcome.x_adv:
-        save_adversarial(adversarial_dir / f"{unit.key}.safetensors", unit, outcome, y)
-    result["robust"] = {label: flags.cpu().bool().tolist() for label, flags in outcome.robust.items()}
-    result["pred"] = {label: pred.cpu().tolist() for label, pred in outcome.pred.items()}
-    result["notes"] = outcome.notes
-    return result
-
-
-#: Where ``evaluation.save_adversarial`` keeps the adversarial inputs, in the run directory.
-ADVERSARIAL_DIR = "adversarial"
-
-
-def save_adversarial(path: Path, unit: Unit, outcome: Any, labels: torch.Tensor) -> None:
-    """One unit's adversarial inputs: each label's (``x_adv/<label>``), each point's worst case (``worst``), the
-    labels and positions in the evaluation subset; metadata: the unit's description and key."""
-    from dent.models.checkpoints import save_safetensors
-
-    tensors = {f"x_adv/{label}": x for label, x in outcome.x_adv.items()}
-    tensors.update(worst=outcome.worst_case_inputs(), labels=labels.cpu(),
-                   positions=torch.tensor(unit.positions, dtype=torch.long))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors(tensors, path, {"dent.unit": unit.describe(), "dent.unit_key": unit.key}, dtype=None)
-
-
 def evaluate(
     cfg: EvaluateConfig,
     *,
@@ -294,6 +197,8 @@ def prepare(cfg: EvaluateConfig, model: Optional[nn.Module] = None, data: Any = 
             run_dir: Optional[Path] = None) -> Prepared:
     """Load the data and plan the units of ``cfg`` (see :func:`evaluate`); writes nothing."""
     device = resolve_device(cfg.device)
+    if cfg.evaluation.executor == Executor.RAY:
+        import_ray()  # without it, say how to install it before anything is written
     subsets = evaluation_subsets(cfg, data)
     first = subsets[cfg.data.seed]
     if model is not None:
@@ -317,37 +222,41 @@ def _evaluate(cfg, store: ResultStore, run_dir, chash, device, model, subsets, u
 
     if pending and model is None:
         model = load_model_from_config(cfg)
+    local = cfg.evaluation.executor == Executor.LOCAL
+    home = device if local else torch.device("cpu")  # Ray workers get the model from the CPU, to their device
+    if model is not None:
+        model = model.to(home).eval()
     factory = defense_factory or build_defense
     defended: dict[str, nn.Module] = {}
-    if model is not None:
-        model = model.to(device).eval()
+    for unit in pending:  # built before the first unit runs: their declared costs weigh the progress
+        if unit.defense not in defended:
+            defended[unit.defense] = factory(model, unit.defense_config).to(home)
+            _warn_randomized(unit.defense, defended[unit.defense], cfg)
+        if unit.kind != CLEAN:
+            _refuse_rejecting(unit.defense, defended[unit.defense], unit.point.name)
+    weights = {u.key: unit_weight(u, traits_of(defended[u.defense]).cost, cfg.evaluation.clean_draws) for u in pending}
+    bar = UnitProgress(weights, enabled=cfg.evaluation.progress)
+    work = UnitWork(cfg, model, factory, subsets,
+                    adversarial_dir=run_dir / ADVERSARIAL_DIR if cfg.evaluation.save_adversarial else None)
+    if not pending:
+        finished_units = iter(())
+    elif local:
+        finished_units = run_locally(pending, UnitWorker(work, defended, progress=cfg.evaluation.progress), bar.start)
+    else:
+        finished_units = run_on_ray(pending, work, cfg.evaluation.ray, bar.start)
 
     dynamic_warnings = 0
     rebatching: Counter[str] = Counter()
-    for unit in pending:  # built before the first unit runs: their declared costs weigh the progress
-        if unit.defense not in defended:
-            defended[unit.defense] = factory(model, unit.defense_config).to(device)
-            _warn_randomized(unit.defense, defended[unit.defense], cfg)
-    weights = {u.key: unit_weight(u, traits_of(defended[u.defense]).cost, cfg.evaluation.clean_draws) for u in pending}
-    bar = UnitProgress(weights, enabled=cfg.evaluation.progress)
-    for unit in pending:
-        bar.start(unit)
-        if unit.kind != CLEAN:
-            _refuse_rejecting(unit.defense, defended[unit.defense], unit.point.name)
-        t0 = time.perf_counter()
-        images, labels = subsets[unit.context["data"]["subset_seed"]]
-        result = run_unit(unit, defended[unit.defense], images, labels, device=device, seed=unit.seed,
-                          progress=cfg.evaluation.progress, clean_draws=cfg.evaluation.clean_draws,
-                          adversarial_dir=run_dir / ADVERSARIAL_DIR if cfg.evaluation.save_adversarial else None)
-        seconds = time.perf_counter() - t0
+    for done in finished_units:  # the driver alone writes the store, each unit as it finishes
+        unit, result = done.unit, done.result
         record = UnitRecord(
             key=unit.key, config_hash=chash, kind=unit.kind, defense=unit.defense, attack=unit.attack_label,
             batch_size=unit.batch_size, batch_index=unit.batch_index, spec=unit.spec, result=result,
-            seconds=seconds, device=str(device),
+            seconds=done.seconds, device=done.device, host=done.host,
         )
         store.put(record)
-        bar.done(unit, seconds)
-        _log_unit(unit, result, seconds, rebatching)
+        bar.done(unit, done.seconds)
+        _log_unit(unit, result, done.seconds, rebatching, done.worker)
         if result.get("notes", {}).get("dynamic_warning"):
             dynamic_warnings += 1
     bar.close()
@@ -401,14 +310,15 @@ def _warn_randomized(name: str, defense: nn.Module, cfg: EvaluateConfig) -> None
         print(msg)
 
 
-def _log_unit(unit: Unit, result: dict[str, Any], seconds: float, rebatching: Counter) -> None:
+def _log_unit(unit: Unit, result: dict[str, Any], seconds: float, rebatching: Counter, where: str) -> None:
     n = len(result["positions"])
     if unit.kind == CLEAN:
         correct = sum(p == y for p, y in zip(result["clean_pred"], result["labels"]))
-        log.info("unit %s: clean %d/%d correct (%.1f s) [%s]", unit.describe(), correct, n, seconds, unit.key[:12])
+        log.info("unit %s: clean %d/%d correct (%.1f s; %s) [%s]", unit.describe(), correct, n, seconds, where,
+                 unit.key[:12])
         return
     accs = ", ".join(f"{label} {sum(flags)}/{n}" for label, flags in result["robust"].items())
-    log.info("unit %s: robust %s (%.1f s) [%s]", unit.describe(), accs, seconds, unit.key[:12])
+    log.info("unit %s: robust %s (%.1f s; %s) [%s]", unit.describe(), accs, seconds, where, unit.key[:12])
     notes = result.get("notes", {})
     for warning in notes.get("warnings", []):
         log.info("unit %s: AutoAttack warned: %s", unit.describe(), warning)

@@ -144,6 +144,18 @@ def _check_checkpoint_path(checkpoint: str | os.PathLike) -> Path:
 ZOO_DATASETS = ("cifar10",)
 
 
+def architecture_without_weights(name: str, threat_model: object, model_dir: str | os.PathLike | None = None
+                                 ) -> Optional[nn.Module]:
+    """A named model's architecture with random weights (eval mode, CPU) when its weights are not on this machine;
+    None when they are (or ``name`` is not a named model). What costs are timed on: weights do not change them."""
+    if name not in PRETRAINED:
+        return None
+    variant = PRETRAINED.get(name).variant(threat_model)
+    if variant.source.is_available(resolve_model_dir(model_dir)):
+        return None
+    return variant.factory().cpu().eval()
+
+
 def load_model(
     name: str,
     *,
