@@ -81,3 +81,34 @@ class NoisyDefense(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model((x + self.std * torch.randn_like(x)).clamp(0, 1))
+
+
+def wait_for_stored_units(proc, count, at_least: int, timeout: float = 240) -> None:
+    """Poll ``count()`` (units stored so far) until it reaches ``at_least`` while the process ``proc`` runs;
+    fail the test if the process ends or the time runs out first."""
+    import time
+
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while count() < at_least:
+        if proc.poll() is not None:
+            pytest.fail(f"evaluation ended before it could be killed: {proc.stderr.read().decode()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("evaluation too slow to reach the kill point")
+        time.sleep(0.02)
+
+
+def units_stored(run_dir: Path) -> int:
+    """Units in a run directory's store so far (0 before its tables exist); safe while a run writes it."""
+    import sqlite3
+
+    db_path = run_dir / "results.sqlite"
+    if not db_path.exists():
+        return 0
+    try:
+        with sqlite3.connect(db_path, timeout=5) as db:
+            return db.execute("SELECT COUNT(*) FROM units").fetchone()[0]
+    except sqlite3.OperationalError:  # created but schema not yet there
+        return 0

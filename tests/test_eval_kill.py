@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
-import pytest
 
 from dent.evaluation.report import load_summary
 from dent.evaluation.store import ResultStore
+from eval_support import units_stored, wait_for_stored_units
 
 TESTS = Path(__file__).resolve().parent
 
@@ -45,32 +43,14 @@ def start(run_dir: Path) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def stored(run_dir: Path) -> int:
-    db_path = run_dir / "results.sqlite"
-    if not db_path.exists():
-        return 0
-    try:
-        with sqlite3.connect(db_path, timeout=5) as db:
-            return db.execute("SELECT COUNT(*) FROM units").fetchone()[0]
-    except sqlite3.OperationalError:  # created but schema not yet there
-        return 0
-
-
 def kill_after(run_dir: Path, at_least: int, timeout: float = 240) -> int:
     """Start the evaluation, SIGKILL it once ``at_least`` units are stored; return the count at the kill."""
     proc = start(run_dir)
-    deadline = time.monotonic() + timeout
-    while stored(run_dir) < at_least:
-        if proc.poll() is not None:
-            pytest.fail(f"evaluation ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("evaluation too slow to reach the kill point")
-        time.sleep(0.02)
+    wait_for_stored_units(proc, lambda: units_stored(run_dir), at_least, timeout)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    return stored(run_dir)
+    return units_stored(run_dir)
 
 
 def finish(run_dir: Path) -> None:

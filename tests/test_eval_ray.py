@@ -23,7 +23,7 @@ from dent.evaluation.executors import local_instance_options, workers_that_fit
 from dent.evaluation.runner import evaluate
 from dent.evaluation.store import ResultStore
 from dent.defenses.kinds import build_defense
-from eval_support import fake_data, tiny_net
+from eval_support import fake_data, tiny_net, units_stored, wait_for_stored_units
 
 TESTS = Path(__file__).resolve().parent
 N = 24
@@ -147,7 +147,7 @@ def test_a_worker_killed_mid_unit_is_replaced_and_its_unit_stored_once(ray_clust
 DRIVER = """
 import sys
 from pathlib import Path
-from eval_support import fake_data, tiny_net
+from eval_support import fake_data, tiny_net, units_stored, wait_for_stored_units
 from dent.evaluation.config import EvaluateConfig
 from dent.evaluation.runner import evaluate
 from test_eval_ray import DEFENSES, N, ON_RAY, OVERRIDES
@@ -169,17 +169,10 @@ def test_a_driver_killed_with_sigkill_resumes_with_no_unit_duplicated_or_lost(ra
                                                                               tmp_path):
     run_dir = tmp_path / "ray"
     driver = start_driver(run_dir, ray_cluster)
-    deadline = time.monotonic() + 300
-    while len(stored_records(run_dir)) < 3:
-        if driver.poll() is not None:
-            pytest.fail(f"the driver ended before it could be killed: {driver.stderr.read().decode()[-3000:]}")
-        if time.monotonic() > deadline:
-            driver.kill()
-            pytest.fail("the driver too slow to reach the kill point")
-        time.sleep(0.02)
+    wait_for_stored_units(driver, lambda: units_stored(run_dir), 3, timeout=300)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    at_kill = len(stored_records(run_dir))
+    at_kill = units_stored(run_dir)
     assert 3 <= at_kill < N_UNITS
     _, err = start_driver(run_dir, ray_cluster).communicate(timeout=600)
     assert results_by_key(run_dir) == local_reference, err.decode()[-3000:]
