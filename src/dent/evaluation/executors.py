@@ -38,8 +38,8 @@ log = logging.getLogger("dent.evaluation")
 
 @dataclass
 class UnitWork:
-    """Everything a worker needs to run units: the model (or the config that loads it), the defense factory,
-    the evaluation subsets (by subset seed) and the per-unit options of :func:`dent.evaluation.runner.run_unit`."""
+    """Everything a worker needs to run units: the model, the defense factory, the evaluation subsets (by subset
+    seed) and the per-unit options of :func:`dent.evaluation.unitrun.run_unit`."""
 
     cfg: Any  # EvaluateConfig: its device and per-unit options
     model: nn.Module  # a worker moves it to its device (Ray workers get it from the driver's CPU)
@@ -74,9 +74,6 @@ class UnitWorker:
         self.defended = dict(defended or {})
         self.model = work.model.to(self.device).eval()
         self.where = f"pid {os.getpid()} on host {socket.gethostname()}" + (f", node {node}" if node else "")
-
-    def pid(self) -> int:
-        return os.getpid()
 
     def run(self, unit: Unit) -> FinishedUnit:
         if unit.defense not in self.defended:
