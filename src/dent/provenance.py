@@ -131,8 +131,9 @@ def numerics_description(device: str = "auto") -> dict[str, Any]:
     return info
 
 
-def write_run_metadata(run_dir: Path, config: dict[str, Any]) -> None:
-    """Write ``config.yaml`` (the resolved config) and ``provenance.json`` into ``run_dir``."""
+def write_run_metadata(run_dir: Path, config: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+    """Write ``config.yaml`` (the resolved config) and ``provenance.json`` into ``run_dir``; ``extra``: more
+    entries of the provenance (a training run's world size)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     provenance = {
@@ -142,5 +143,6 @@ def write_run_metadata(run_dir: Path, config: dict[str, Any]) -> None:
         "machine": machine_description(),
         "numerics": numerics_description(str(config.get("device", "auto"))),
         "argv": sys.argv,
+        **(extra or {}),
     }
     (run_dir / "provenance.json").write_text(json.dumps(provenance, indent=2))

@@ -10,7 +10,7 @@ perturbs the same parameters (those with more than one dimension: not biases, no
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -24,10 +24,16 @@ def perturbed_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
 
 
-def weight_perturbation(model: nn.Module, loss: torch.Tensor, gamma: float) -> Perturbation:
-    """The perturbation that increases ``loss``: per layer, ``gamma`` times the weight's norm along its gradient."""
+def weight_perturbation(model: nn.Module, loss: torch.Tensor, gamma: float,
+                        average: Callable[[list[Optional[torch.Tensor]]], list[Optional[torch.Tensor]]] = list,
+                        ) -> Perturbation:
+    """The perturbation that increases ``loss``: per layer, ``gamma`` times the weight's norm along its gradient.
+
+    ``average`` turns the gradients into those of the whole batch; under torchrun, their mean over the ranks
+    (:meth:`dent.training.distributed.World.average`), so every rank perturbs its weights alike.
+    """
     params = perturbed_parameters(model)
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    grads = average(list(torch.autograd.grad(loss, params, allow_unused=True)))
     out: Perturbation = []
     for param, grad in zip(params, grads):
         if grad is None:

@@ -34,6 +34,21 @@ class Schedule(str, Enum):
     CONSTANT = "constant"
 
 
+class Backend(str, Enum):
+    """The torch.distributed backend of a run under torchrun (dent.training.distributed)."""
+
+    AUTO = "auto"  # NCCL on CUDA, gloo on the CPU
+    GLOO = "gloo"
+    NCCL = "nccl"
+
+
+class DistributedSection(Section):
+    """``dent train`` under ``torchrun --nproc_per_node N``; the world size and ranks come from torchrun's
+    environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``), ``train.batch_size`` is the global batch."""
+
+    backend: Backend = Backend.AUTO
+
+
 class OptimizerName(str, Enum):
     SGD = "sgd"  # with train.momentum and train.nesterov (every classifier recipe)
     ADAM = "adam"  # default betas; train.momentum and train.nesterov are not read (the PixelCNN recipe)
@@ -236,6 +251,7 @@ class TrainSection(Section):
     awp: Annotated[AwpSection, OMITTED_AT_DEFAULT] = AwpSection()
     detector: Annotated[DetectorSection, OMITTED_AT_DEFAULT] = DetectorSection()
     early_stop: EarlyStopSection = EarlyStopSection()
+    distributed: Annotated[DistributedSection, NON_RESULT] = DistributedSection()  # how the ranks talk, not what
     resume: Annotated[bool, NON_RESULT] = False  # continue from the run directory's checkpoint (same as --resume)
     progress: Annotated[bool, NON_RESULT] = True  # tqdm progress bars
 

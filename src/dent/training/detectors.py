@@ -168,6 +168,10 @@ def fit_detector(cfg: TrainConfig, *, data: Optional[TrainData] = None, model: O
                  command: str | None = None) -> DetectorResult:
     """Fit, calibrate and measure ``cfg``'s detector (module docstring); everything goes into the run directory."""
     from dent.runtime import resolve_device, seed_everything
+    from dent.training.distributed import single_process_only
+
+    single_process_only(f"train.recipe {cfg.train.recipe} (fitting a detector around a trained model, outside the "
+                        "epoch loop)")
 
     seed_everything(cfg.seed)
     recipe = RECIPES.get(cfg.train.recipe)

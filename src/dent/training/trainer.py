@@ -3,7 +3,8 @@
 Determinism: all randomness of an epoch (shuffling, augmentation, attack random starts) comes from a
 ``torch.Generator`` seeded with (``seed``, epoch); the global torch / numpy / python RNG states, model,
 optimizer, scheduler and recipe modules are saved in every checkpoint. So on the CPU a run stopped after
-epoch k and resumed ends with exactly the weights of an uninterrupted run.
+epoch k and resumed ends with exactly the weights of an uninterrupted run. Under torchrun the same holds for
+a run of N processes (:mod:`.distributed`: what is global, what is per rank; rank 0 writes).
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ from dent.runtime import resolve_device
 from dent.training.adversaries import model_mode
 from dent.training.augment import random_crop_flip
 from dent.threat import format_eps
-from dent.tracking import open_tracker
+from dent.tracking import Tracking, open_tracker
 from dent.training.config import BnMode, OptimizerName, Schedule, TrainConfig, TrainSection
 from dent.training.curves import plot_curves, write_history
+from dent.training.distributed import World, session
 from dent.training.awp import frozen_bn_statistics, perturbed, weight_perturbation
 from dent.training.recipes import RECIPES, ModelBuilder, Recipe, StepContext, StepOutput
 
@@ -177,10 +179,11 @@ def lr_factor(schedule: Schedule, step: int, total: int, cycle_peak: float = 0.5
     return 1.0
 
 
-def steps_per_epoch(n_images: int, batch_size: int) -> int:
-    """Batches per epoch; a last batch of a single image is dropped (BatchNorm cannot train on it)."""
+def steps_per_epoch(n_images: int, batch_size: int, world_size: int = 1) -> int:
+    """Batches per epoch; a last batch of fewer than two images per rank is dropped (BatchNorm cannot train on a
+    single image; in one process, a last batch of one image)."""
     full, rest = divmod(n_images, batch_size)
-    return full + (1 if rest >= 2 else 0)
+    return full + (1 if rest >= 2 * world_size else 0)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -277,7 +280,9 @@ class Trainer:
         progress: bool | None = None,
         console: bool = True,
         command: str | None = None,
+        world: World | None = None,
     ):
+        self.world = world if world is not None else World.current()
         self.cfg = cfg = as_section(TrainConfig, cfg, "Trainer(cfg)")
         self.command = command  # the command line, recorded in the checkpoint and the model card
         self.tcfg: TrainSection = cfg.train
@@ -286,10 +291,11 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else training_run_dir(cfg)
         self.device = torch.device(device) if device is not None else resolve_device(cfg.device)
         self.build = build or default_builder(len(data.train.classes), self.recipe)
-        self.progress = self.tcfg.progress if progress is None else progress
+        self.progress = (self.tcfg.progress if progress is None else progress) and self.world.is_main
         self.console = console
         self.hash = training_hash(cfg)
-        self.steps_per_epoch = steps_per_epoch(len(data.train), self.tcfg.batch_size)
+        self.world.per_rank_batch(self.tcfg.batch_size)
+        self.steps_per_epoch = steps_per_epoch(len(data.train), self.tcfg.batch_size, self.world.size)
         if self.steps_per_epoch == 0:
             raise ConfigError(f"{len(data.train)} training image(s): expected at least 2 to train on")
 
@@ -317,8 +323,17 @@ class Trainer:
         )
         self.state = _State()
         self.co_prev_model: Optional[dict[str, torch.Tensor]] = None
+        if not self.world.is_main:  # its own dropout stream (the model was built from the common seed)
+            seed_everything(self.world.rank_seed(self.cfg.seed))
+
+    def _wrap(self) -> None:
+        """The modules the recipe's steps call: in DistributedDataParallel under torchrun (after a restore, so
+        DDP's broadcast from rank 0 sends what every rank loaded anyway)."""
+        self.trained = self.world.wrap(self.model, self.device)
+        self.trained_extras = {k: self.world.wrap(m, self.device) for k, m in self.extras.items()}
 
     def _checkpoint(self) -> dict[str, Any]:
+        """The checkpoint of the current state; every rank calls it (it gathers the ranks' RNG states)."""
         s = self.state
         return {
             "format": CHECKPOINT_FORMAT,
@@ -335,6 +350,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
+            "world_size": self.world.size,
+            **({"rank_rng": self.world.gather(rng_state())} if self.world.distributed else {}),
             "history": s.history,
             "wall_time_s": s.wall_time_s,
             "invocations": s.invocations,
@@ -355,12 +372,20 @@ class Trainer:
                 f"weights: stored {ckpt.get('frozen', {})}, now {self.frozen_identity}. Resume with the same "
                 "teacher, or start a new run (another output.name)."
             )
+        stored_world = int(ckpt.get("world_size", 1))
+        if stored_world != self.world.size:
+            raise ResumeError(
+                f"cannot resume from {str(source)!r}: it was trained by {stored_world} process(es), this run has "
+                f"{self.world.size} (torchrun --nproc_per_node): each rank's shard, random stream and BatchNorm "
+                f"statistics would change, so it could not continue bit for bit. Resume with {stored_world} "
+                "process(es), or start a new run (another output.name)."
+            )
         self.model.load_state_dict(ckpt["model"])
         for name, module in self.extras.items():
             module.load_state_dict(ckpt["extras"][name])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rank_rng"][self.world.rank] if self.world.distributed else ckpt["rng"])
         self.state = _State(
             epoch=int(ckpt["epoch"]), status=ckpt["status"], history=list(ckpt["history"]),
             wall_time_s=float(ckpt["wall_time_s"]), invocations=list(ckpt["invocations"]),
@@ -394,9 +419,11 @@ class Trainer:
 
     def run(self, until_epoch: int | None = None, resume: bool | str | Path | None = None) -> TrainResult:
         """Train up to ``until_epoch`` (default ``train.epochs``), resuming when asked; returns the result."""
-        output_dir(self.run_dir, "training run directory", RUN_DIR_HINT)
-        handlers = self._attach_log()
-        self.tracker = open_tracker(self.cfg.output.tracking, self.run_dir)
+        main = self.world.is_main
+        if main:
+            output_dir(self.run_dir, "training run directory", RUN_DIR_HINT)
+        handlers = self._attach_log() if main else []
+        self.tracker = open_tracker(self.cfg.output.tracking if main else Tracking.NONE, self.run_dir)
         try:
             return self._run(until_epoch, resume)
         finally:
@@ -415,12 +442,14 @@ class Trainer:
         if source is not None:
             self._restore(load_checkpoint(source, self.device), source)
             log.info("resumed from %s at epoch %d/%d (%s)", source, self.state.epoch, total_epochs, self.state.status)
-        write_run_metadata(self.run_dir, self.cfg.to_dict())
+        self._wrap()
+        if self.world.is_main:
+            write_run_metadata(self.run_dir, self.cfg.to_dict(), {"distributed": self.world.description()})
         self.tracker.log_config(self.cfg.to_dict())
         self.state.invocations.append({
             "command": self.command or "", "start_epoch": self.state.epoch, "until_epoch": end,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_description(),
-            "device": str(self.device),
+            "device": str(self.device), "world_size": self.world.size,
         })
         if self.state.status != "running" or self.state.epoch >= end:
             log.info("nothing to train: the run is at epoch %d (%s)", self.state.epoch, self.state.status)
@@ -428,8 +457,9 @@ class Trainer:
 
         log.info(
             "training %s with recipe %s on %d images (%d held out), %d batches of %d per epoch, epochs %d..%d of %d, "
-            "device %s, run dir %s", self.cfg.model.arch, self.recipe.name, len(self.data.train), len(self.data.holdout),
-            self.steps_per_epoch, self.tcfg.batch_size, self.state.epoch + 1, end, total_epochs, self.device, self.run_dir,
+            "device %s, %d process(es), run dir %s", self.cfg.model.arch, self.recipe.name, len(self.data.train),
+            len(self.data.holdout), self.steps_per_epoch, self.tcfg.batch_size, self.state.epoch + 1, end, total_epochs,
+            self.device, self.world.size, self.run_dir,
         )
         epochs_bar = tqdm(
             total=end, initial=self.state.epoch, desc=f"train {self.recipe.name}", unit="epoch",
@@ -450,7 +480,8 @@ class Trainer:
         t0 = time.perf_counter()
         tcfg = self.tcfg
         generator = epoch_generator(self.cfg.seed, epoch)
-        ctx = StepContext(self.model, tcfg, generator, self.extras, self.frozen)
+        ctx = StepContext(self.trained, tcfg, self.world.recipe_generator(generator, self.cfg.seed, epoch),
+                          self.trained_extras, self.frozen)
         self._train_mode(True)
         images, labels = self.data.train.images, self.data.train.labels
         order = torch.randperm(len(labels), generator=generator)
@@ -464,8 +495,9 @@ class Trainer:
             x, y = images[index], labels[index]
             if tcfg.augment:
                 x = random_crop_flip(x, generator)
-            x, y = x.to(self.device), y.to(self.device)
-            out = self._update(ctx, x, y, epoch, i)
+            shard = self.world.shard(len(y))  # augmented as one batch on every rank, so as in one process
+            x, y = x[shard].to(self.device), y[shard].to(self.device)
+            out = self._update(ctx, x, y, epoch, i, self.world.loss_weight(len(x), len(index)))
             n = len(y)
             seen += n
             sums["train_loss"] += out.loss.item() * n
@@ -474,6 +506,11 @@ class Trainer:
             bar.set_postfix(loss=f"{sums['train_loss'] / seen:.3f}", refresh=False)
         bar.close()
         self._train_mode(False)
+        self.world.sync_buffers(self.model)
+        for module in self.extras.values():
+            self.world.sync_buffers(module)
+        sums = self.world.sum({**sums, "_seen": seen})
+        seen = sums.pop("_seen")
         train_time = time.perf_counter() - t0
 
         entry: dict[str, Any] = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
@@ -481,7 +518,8 @@ class Trainer:
         entry["clean_acc"] = entry["robust_acc"] = None
         if self._eval_due(epoch) and self.recipe.evaluate is not None:
             with torch.no_grad():
-                entry.update(self.recipe.evaluate(self.model, self.data.holdout.images.to(self.device), tcfg))
+                entry.update(self.world.from_main(
+                    lambda: self.recipe.evaluate(self.model, self.data.holdout.images.to(self.device), tcfg)))
         elif self._eval_due(epoch):
             entry["clean_acc"], entry["robust_acc"] = self._evaluate(self.data.holdout)
         if tcfg.early_stop.enabled:
@@ -494,19 +532,26 @@ class Trainer:
         if self.state.status == "running" and epoch == tcfg.epochs:
             self.state.status = "finished"
         self.state.history.append(entry)
-        atomic_torch_save(self._checkpoint(), self.run_dir / CHECKPOINT_FILE)
-        self._write_log_files()
+        checkpoint = self._checkpoint()
+        if self.world.is_main:
+            atomic_torch_save(checkpoint, self.run_dir / CHECKPOINT_FILE)
+            self._write_log_files()
         self.tracker.log_scalars(epoch, entry, prefix="train/")
         log.info("epoch %d/%d: %s", epoch, tcfg.epochs, _summary(entry))
         return entry
 
-    def _update(self, ctx: StepContext, x: torch.Tensor, y: torch.Tensor, epoch: int, i: int) -> StepOutput:
-        """One optimizer step on the recipe's loss; with AWP, the loss and its gradient at perturbed weights."""
+    def _update(self, ctx: StepContext, x: torch.Tensor, y: torch.Tensor, epoch: int, i: int,
+                weight: float = 1.0) -> StepOutput:
+        """One optimizer step on the recipe's loss; with AWP, the loss and its gradient at perturbed weights.
+
+        ``weight`` scales the loss's gradient (not the loss logged): a rank's share of an unevenly split batch.
+        """
         ctx.examples.clear()
         awp = self.tcfg.awp
         perturbation = []
         if awp.active(epoch):
-            perturbation = weight_perturbation(self.model, self.recipe.loss(ctx, x, y).loss, awp.gamma)
+            perturbation = weight_perturbation(self.model, self.recipe.loss(ctx, x, y).loss * weight, awp.gamma,
+                                               average=self.world.average)
         second_pass = frozen_bn_statistics(self.model) if perturbation else nullcontext()
         with perturbed(perturbation), second_pass:
             out = self.recipe.loss(ctx, x, y)
@@ -516,7 +561,7 @@ class Trainer:
                     f"expected a finite loss: lower train.lr (now {self.tcfg.lr:g})"
                 )
             self.optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
+            (out.loss * weight).backward()
             self.optimizer.step()
         self.scheduler.step()
         return out
@@ -531,11 +576,12 @@ class Trainer:
         return epoch == self.tcfg.epochs or (every > 0 and epoch % every == 0)
 
     def _evaluate(self, split: Split) -> tuple[float, float]:
+        """Clean and PGD accuracy on ``split``, measured by rank 0 and known to every rank (the early stop)."""
         t = self.tcfg
-        return clean_and_pgd_accuracy(
+        return self.world.from_main(lambda: clean_and_pgd_accuracy(
             self.model, split.images, split.labels, norm=t.eval_norm, eps=t.eval_eps, step=t.eval_step,
             steps=t.eval.steps, batch_size=t.eval.batch_size, seed=t.eval.seed, device=self.device,
-        )
+        ))
 
     def _check_overfitting(self, epoch: int, entry: dict[str, Any]) -> None:
         """Wong et al.'s early stop: PGD accuracy on a held-out batch falls by more than ``drop`` in one epoch."""
@@ -572,6 +618,7 @@ class Trainer:
             "n_holdout": len(self.data.holdout),
             "robust_label": f"PGD-{t.eval.steps} {t.eval_norm.value} {format_eps(t.eval_eps, t.eval_norm)}",
             "wall_time_s": round(self.state.wall_time_s, 3),
+            "world_size": self.world.size,
             **({"frozen": self.frozen_identity} if self.frozen_identity else {}),  # e.g. the teacher's digest
             "epochs": self.state.history,
         }
@@ -631,7 +678,8 @@ def train(
     console: bool = True,
     command: str | None = None,
 ) -> TrainResult:
-    """Train as ``cfg`` says (loading CIFAR and building the model unless ``data`` / ``build`` are given).
+    """Train as ``cfg`` says (loading CIFAR and building the model unless ``data`` / ``build`` are given); under
+    torchrun, as one of its ranks (:func:`dent.training.distributed.session`).
 
     ``cfg`` may also be a plain dict of config keys (validated, missing keys at their defaults).
     """
@@ -644,9 +692,10 @@ def train(
         (RECIPES.get(cfg.train.recipe).models or ARCHITECTURES).get(cfg.model.arch)
         if RECIPES.get(cfg.train.recipe).name == "dynat" and cfg.train.dynat.guide_arch:
             ARCHITECTURES.get(cfg.train.dynat.guide_arch)
-    trainer = Trainer(cfg, data if data is not None else prepare_data(cfg), run_dir=run_dir, build=build,
-                      device=device, progress=progress, console=console, command=command)
-    return trainer.run(until_epoch=until_epoch, resume=resume)
+    with session(cfg, device) as (world, rank_device):  # the trainer (and its DDP modules) go before the session
+        return Trainer(cfg, data if data is not None else prepare_data(cfg), run_dir=run_dir, build=build,
+                       device=rank_device, progress=progress, console=console, command=command,
+                       world=world).run(until_epoch=until_epoch, resume=resume)
 
 
 __all__ = [

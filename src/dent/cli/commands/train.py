@@ -61,7 +61,10 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     if args.dry_run:
+        from dent.training.distributed import single_process_only
         from dent.training.dryrun import dry_run
+
+        single_process_only("dent train --dry-run (an estimate from one timed step of one process)")
 
         return print_dry_run(cfg, dry_run(cfg))
     if RECIPES.get(cfg.train.recipe).detector is not None:
@@ -85,11 +88,14 @@ def run_detector(cfg: TrainConfig, args: argparse.Namespace) -> int:
 
 
 def run_model(cfg: TrainConfig, args: argparse.Namespace) -> int:
+    from dent.training.distributed import world_from_env
     from dent.training.export import export_density_model, export_reference_checkpoint
     from dent.training.recipes import RECIPES
     from dent.training.trainer import train
 
     result = train(cfg, until_epoch=args.until_epoch, resume=args.resume_from or args.resume, command=command_line(args))
+    if not world_from_env().is_main:  # under torchrun, rank 0 reports and exports
+        return 0
     last = next((e for e in reversed(result.history) if e.get("clean_acc") is not None), None)
     summary = f"{result.status} at epoch {result.epoch}/{cfg.train.epochs}"
     if result.history and result.history[-1].get("heldout_bits_per_dim") is not None:
