@@ -138,11 +138,11 @@ def test_dry_run_of_the_cluster_job_times_an_architecture_whose_weights_are_not_
         "model.model_dir", small["root"] / "no-models", "data.dir", small["data"], "data.n_images", "8",
         "data.batch_size", "8", "attack.version", "custom", "attack.attacks=[apgd-ce]", "attack.n_iter", "2",
         "defenses.dent.steps", "1", "defenses.dent+.steps", "1", "evaluation.ray.workers", "4", "device", "cpu",
-        "output.root", small["root"] / "runs", "--dry-run")
+        "output.root", small["root"] / "cluster-dry", "--dry-run")
     assert code == 0, err
     assert "timed on Wong2020Fast's architecture with random weights: its checkpoint is not on this machine" in out
     assert "defense calls in all: " in out and "with evaluation.executor ray and 4 workers" in out
-    assert not (small["root"] / "runs").exists() and not (small["root"] / "no-models").exists()
+    assert not (small["root"] / "cluster-dry").exists() and not (small["root"] / "no-models").exists()
 
 
 def test_benchmark_defenses_returns_the_table_of_the_same_dent_evaluate_run(capsys, tmp_path, cifar10_dir):
@@ -178,6 +178,7 @@ def test_benchmark_defenses_returns_the_table_of_the_same_dent_evaluate_run(caps
 
 
 def test_progress_off_a_terminal_is_one_line_per_unit_weighted_by_expected_cost(capsys, small):
+    from dent.defenses.protocol import Traits
     from dent.evaluation.progress import unit_weight
     from dent.evaluation.runner import plan, measured_identity
 
@@ -191,5 +192,9 @@ def test_progress_off_a_terminal_is_one_line_per_unit_weighted_by_expected_cost(
     units = plan(cfg, measured_identity(cfg), 8)
     clean = next(u for u in units if u.kind == "clean")
     attacked = next(u for u in units if u.kind != "clean")
-    assert unit_weight(attacked, 1.0) > 10 * unit_weight(clean, 1.0)  # AutoAttack: ~30 queries per batch here
-    assert unit_weight(clean, 21.0) == 21 * unit_weight(clean, 1.0)  # scaled by the defense's declared cost
+    plain, costly = Traits(), Traits(cost=21.0)
+    assert unit_weight(attacked, plain) > 10 * unit_weight(clean, plain)  # AutoAttack: ~30 queries per batch here
+    assert unit_weight(clean, costly) == 21 * unit_weight(clean, plain)  # scaled by the defense's declared cost
+    # more clean draws weigh only for a randomized defense (the others draw their clean prediction once)
+    assert unit_weight(clean, plain, clean_draws=8) == unit_weight(clean, plain)
+    assert unit_weight(clean, Traits(randomized=True), clean_draws=8) > unit_weight(clean, plain)

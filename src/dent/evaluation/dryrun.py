@@ -3,9 +3,10 @@
 The units are planned exactly as :func:`dent.evaluation.runner.evaluate` plans them (those already in the run's
 store are counted as done; the store is opened read-only and nothing is written). The cost is estimated from
 one timed call of each defense on one batch of the real data: a clean unit costs its clean draws in forward
-calls, an AutoAttack unit at most :func:`~dent.evaluation.unitrun.expected_queries` gradient queries (AutoAttack
-gives later attacks only the still-robust points, so the estimate is an upper bound); other attacks have no
-query count known in advance and are listed without an estimate.
+calls, an AutoAttack unit at most :func:`~dent.evaluation.unitrun.apgd_queries` gradient queries for its APGD
+attacks (AutoAttack gives later attacks only the still-robust points, so the estimate is an upper bound); FAB-T
+and Square, which run on the points APGD leaves robust, and attacks without a query count known in advance are
+listed without an estimate.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from dent.defenses.kinds import build_defense, kind_name
+from dent.defenses.protocol import traits_of
 from dent.evaluation.config import EvaluateConfig, Executor
 from dent.evaluation.rundir import STORE_NAME
-from dent.evaluation.progress import attack_queries
 from dent.evaluation.runner import Prepared, load_model_from_config, prepare
 from dent.evaluation.store import ResultStore
+from dent.evaluation.unitrun import apgd_queries
 from dent.models.zoo import architecture_without_weights
 from dent.evaluation.units import CLEAN, Unit
 
@@ -34,25 +36,30 @@ class DefenseCost:
     """One defense's pending units and their estimated cost."""
 
     kind: str
+    randomized: bool = False  # a randomized defense's clean units draw evaluation.clean_draws predictions
     units: int = 0
     calls: int = 0  # defense calls of the units whose count is known in advance
     unknown_units: int = 0  # units of attacks without a known query count
+    # AutoAttack's attacks after APGD (FAB-T, Square): they run on the points APGD leaves robust
+    after_apgd: set[str] = field(default_factory=set)
     forward_s: float = 0.0  # one clean call on one batch
     query_s: float = 0.0  # one gradient query (forward and backward) on one batch
     seconds: float = 0.0
 
     def add(self, unit: Unit, clean_draws: int) -> None:
         self.units += 1
-        if unit.kind == CLEAN:
-            self.calls += clean_draws
-            self.seconds += clean_draws * self.forward_s
+        if unit.kind == CLEAN:  # the logits with their plain gradient, then the other draws
+            draws = clean_draws if self.randomized else 1
+            self.calls += draws
+            self.seconds += self.query_s + (draws - 1) * self.forward_s
             return
-        queries = attack_queries(unit)
-        if queries is None:
+        if unit.point.name != "autoattack":
             self.unknown_units += 1
-        else:
-            self.calls += queries
-            self.seconds += queries * self.query_s
+            return
+        queries, others = apgd_queries(unit.point)
+        self.calls += queries
+        self.seconds += queries * self.query_s
+        self.after_apgd.update(others)
 
 
 @dataclass
@@ -84,6 +91,8 @@ class DryRun:
         ]
         for name, c in self.costs.items():
             unknown = f" + {c.unknown_units} unit(s) of attacks without a known query count" if c.unknown_units else ""
+            if c.after_apgd:
+                unknown += f" + {', '.join(sorted(c.after_apgd))} on the points APGD leaves robust"
             lines.append(f"| {name} | {c.kind} | {c.units} | {c.calls}{unknown} | {c.forward_s:.3f} / {c.query_s:.3f} "
                          f"| {_duration(c.seconds)} |")
         lines += ["", f"defense calls in all: {sum(c.calls for c in self.costs.values())} (at most)",
@@ -125,7 +134,8 @@ def dry_run(cfg: EvaluateConfig, model: Optional[nn.Module] = None) -> DryRun:
     for name, units in by_defense.items():
         config = units[0].defense_config
         defense = build_defense(model.to(p.device).eval(), config).to(p.device)
-        cost = DefenseCost(kind_name(config), forward_s=_timed_forward(defense, x), query_s=_timed_query(defense, x, y))
+        cost = DefenseCost(kind_name(config), randomized=traits_of(defense).randomized,
+                           forward_s=_timed_forward(defense, x), query_s=_timed_query(defense, x, y))
         for unit in units:
             cost.add(unit, cfg.evaluation.clean_draws)
         result.costs[name] = cost

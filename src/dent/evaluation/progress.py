@@ -15,6 +15,7 @@ from typing import Optional
 
 from tqdm.auto import tqdm
 
+from dent.defenses.protocol import Traits
 from dent.evaluation.unitrun import expected_queries
 from dent.evaluation.units import CLEAN, Unit
 
@@ -29,11 +30,11 @@ def attack_queries(unit: Unit) -> Optional[int]:
     return expected_queries(unit.point) if unit.point.name == "autoattack" else None
 
 
-def unit_weight(unit: Unit, defense_cost: float, clean_draws: int = 1) -> float:
-    """The expected cost of ``unit`` in forward passes of the model."""
-    if unit.kind == CLEAN:
-        return (QUERY_COST + clean_draws - 1) * defense_cost  # logits with the plain gradient, then more draws
-    return (attack_queries(unit) or UNKNOWN_QUERIES) * QUERY_COST * defense_cost
+def unit_weight(unit: Unit, traits: Traits, clean_draws: int = 1) -> float:
+    """The expected cost of ``unit`` in forward passes of the model, for a defense of ``traits``."""
+    if unit.kind == CLEAN:  # logits with the plain gradient, then (randomized) the other draws
+        return (QUERY_COST + (clean_draws - 1 if traits.randomized else 0)) * traits.cost
+    return (attack_queries(unit) or UNKNOWN_QUERIES) * QUERY_COST * traits.cost
 
 
 class UnitProgress:

@@ -234,7 +234,7 @@ def _evaluate(cfg, store: ResultStore, run_dir, chash, device, model, subsets, u
             _warn_randomized(unit.defense, defended[unit.defense], cfg)
         if unit.kind != CLEAN:
             _refuse_rejecting(unit.defense, defended[unit.defense], unit.point.name)
-    weights = {u.key: unit_weight(u, traits_of(defended[u.defense]).cost, cfg.evaluation.clean_draws) for u in pending}
+    weights = {u.key: unit_weight(u, traits_of(defended[u.defense]), cfg.evaluation.clean_draws) for u in pending}
     bar = UnitProgress(weights, enabled=cfg.evaluation.progress)
     work = UnitWork(cfg, model, factory, subsets,
                     adversarial_dir=run_dir / ADVERSARIAL_DIR if cfg.evaluation.save_adversarial else None)

@@ -43,8 +43,10 @@ class QueryProgress(nn.Module):
         return out
 
 
-def expected_queries(point) -> Optional[int]:
-    """At most how many model calls AutoAttack makes on one batch (APGD attacks only; else unknown)."""
+def apgd_queries(point) -> tuple[int, tuple[str, ...]]:
+    """At most how many model calls AutoAttack's APGD attacks make on one batch, and the other attacks of the
+    point (FAB-T, Square), whose calls depend on the points APGD leaves robust (Square: up to its query budget
+    of forward calls on each)."""
     from dent.attacks.autoattack import DEFAULT_BUDGET
 
     n_iter = point.n_iter or DEFAULT_BUDGET["n_iter"]
@@ -54,14 +56,19 @@ def expected_queries(point) -> Optional[int]:
         "apgd-dlr": (point.n_restarts or DEFAULT_BUDGET["n_restarts"]) * (n_iter + 1) + 2,
         "apgd-t": (point.n_target_classes or DEFAULT_BUDGET["n_target_classes"]) * (n_iter + 2) + 2,
     }
-    if any(a not in per_attack for a in point.attacks):
-        return None
     runs = []
     if point.mode.value in ("individual", "both"):
         runs += [[a] for a in point.attacks]
     if point.mode.value in ("ensemble", "both"):
         runs.append(list(point.attacks))
-    return sum(per_run + sum(per_attack[a] for a in run) for run in runs)
+    others = tuple(dict.fromkeys(a for a in point.attacks if a not in per_attack))
+    return sum(per_run + sum(per_attack.get(a, 0) for a in run) for run in runs), others
+
+
+def expected_queries(point) -> Optional[int]:
+    """At most how many model calls AutoAttack makes on one batch, where that is known in advance (APGD only)."""
+    queries, others = apgd_queries(point)
+    return None if others else queries
 
 
 def run_unit(unit: Unit, defended: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
