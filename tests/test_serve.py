@@ -422,3 +422,9 @@ def test_the_sample_config_is_sample_wise():
     cfg = ServeConfig.load(ROOT / "cfgs/serve.yaml")
     assert cfg.model.arch == "autoattack_resnet18" and cfg.serve.isolation.value == "sample"
     assert cfg.defense.batch_couplings() == [] and not cfg.defense.carries_state
+
+
+def test_a_whole_defense_override_replaces_the_default_entry_and_a_dotted_one_merges_into_it():
+    assert ServeConfig.load(None, ["defense={kind: jpeg, quality: 50}"]).defense.quality == 50
+    merged = ServeConfig.load(None, ["defense.steps", "1"]).defense
+    assert merged.steps == 1 and merged.preset == "dent_plus_bsi" and merged.diversity_weight == 0
