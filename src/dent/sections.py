@@ -110,6 +110,9 @@ class CommandConfig(Section):
     #: (``defenses.dent_pluss.steps 2``) is an error, not a new entry; a new entry is given whole
     #: (``'defenses.mine={steps: 2}'``).
     named_entries: ClassVar[tuple[str, ...]] = ()
+    #: Sections holding one entry whose kind decides its keys (``dent serve``'s ``defense``): an override of the
+    #: section's own name (``'defense={kind: jpeg}'``) replaces it whole instead of merging into the default.
+    single_entries: ClassVar[tuple[str, ...]] = ()
     #: Dotted keys of the former all-commands config that this command does not have. Configs written by it
     #: (``config.yaml`` files, stored run configs) still load: these keys are dropped from them.
     legacy_keys: ClassVar[tuple[str, ...]] = ()
@@ -133,7 +136,10 @@ class CommandConfig(Section):
         """
         file_data = cls.read_file(cfg_file) if cfg_file is not None else dict(file_defaults or {})
         data = cls.merged(cls().to_dict(), cls.without_legacy_keys(file_data))
-        cls.check_named_entries(data, [key for key, _ in override_pairs(overrides)])
+        keys = [key.strip().lower() for key, _ in override_pairs(overrides)]
+        cls.check_named_entries(data, keys)
+        for section in set(cls.single_entries).intersection(keys):  # given whole: not merged into the default
+            data[section] = {}
         return validated(cls, deep_merge(data, parse_overrides(overrides)))
 
     @classmethod

@@ -10,7 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from dent import runtime
 from dent.confbase import NON_RESULT, OMITTED_AT_DEFAULT, Section
-from dent.defenses.objectives import OBJECTIVES
+from dent.defenses.objectives import OBJECTIVES, per_input
 from dent.defenses.optim import OPTIMIZERS
 from dent.defenses.presets import PRESETS
 
@@ -117,6 +117,39 @@ class DentConfig(Section):
         if runtime.native_bf16(torch.device(device))[0]:
             return self.replace(autocast="bfloat16")
         return self.replace(autocast="none", autocast_prediction=False)
+
+    @property
+    def learns(self) -> bool:
+        """Whether a call takes steps on anything (BatchNorm affine values or the blur width)."""
+        return self.steps > 0 and (self.affine is not AffineMode.NONE
+                                   or self.input in (InputMode.BATCH, InputMode.SAMPLE))
+
+    @property
+    def carries_state(self) -> bool:
+        """Whether a call starts from the state the previous call left (so answers depend on earlier calls)."""
+        return self.learns and not self.episodic
+
+    def batch_couplings(self) -> list[str]:
+        """Why an input's answer depends on the other inputs of its call (their values or their number), one
+        reason each; empty for a sample-wise defense. A state carried between calls is :attr:`carries_state`."""
+        reasons = []
+        if self.stats is StatsMode.BATCH:
+            reasons.append("stats='batch' normalizes every input with its batch's statistics")
+        if not self.learns:
+            return reasons
+        if self.affine is AffineMode.BATCH:
+            reasons.append("affine='batch' adapts one BatchNorm scale and shift shared by the batch")
+        if self.input is InputMode.BATCH:
+            reasons.append("input='batch' adapts one blur width shared by the batch")
+        if not per_input(self.objective, self):
+            reasons.append(f"objective {self.objective!r} with diversity_weight {self.diversity_weight} is not a mean "
+                           "of per-input terms (its diversity term is the entropy of the batch-mean prediction); "
+                           "set diversity_weight 0 or objective 'entropy'")
+        per_input_tensors = self.affine is AffineMode.SAMPLE or self.input is InputMode.SAMPLE
+        if self.sample_grad is SampleGrad.BATCH_MEAN and per_input_tensors:
+            reasons.append("sample_grad='batch_mean' scales each input's gradient by 1/B, so its steps depend on the "
+                           "batch size B (through the optimizer's eps; directly for SGD); use sample_grad 'own_term'")
+        return reasons
 
     @model_validator(mode="before")
     @classmethod

@@ -69,3 +69,13 @@ def shot(logits: Tensor, config: DentConfig) -> Tensor:
     """
     p = logits.softmax(dim=1)
     return _entropy_with_eps(p, dim=1).mean() - config.diversity_weight * _entropy_with_eps(p.mean(dim=0), dim=0)
+
+
+def per_input(name: str, config: DentConfig) -> bool:
+    """Whether objective ``name`` under ``config`` is a batch mean of one term per input, so that each input's
+    gradient depends on that input alone: ``entropy``, and ``infomax`` or ``shot`` without their diversity term
+    (``diversity_weight`` 0), the entropy of the batch-mean prediction, which couples batch-mates. An objective
+    registered elsewhere is not known to be."""
+    if name == "entropy":
+        return True
+    return name in ("infomax", "shot") and config.diversity_weight == 0

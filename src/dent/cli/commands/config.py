@@ -9,7 +9,7 @@ from dent.cli.command import COMMANDS, add_config_arguments, command
 from dent.identity import flatten
 
 #: The commands whose config ``--for`` can show.
-CONFIGURED = ("evaluate", "train", "bench", "accuracy", "models")
+CONFIGURED = ("evaluate", "train", "bench", "accuracy", "models", "serve")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
