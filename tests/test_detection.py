@@ -376,7 +376,7 @@ def detector_config(attack: dict) -> EvaluateConfig:
 
 
 def test_evaluate_refuses_attacks_that_do_not_know_the_reject_class(tmp_path):
-    """Their attacked accuracies of a detector are refused, not guessed; the clean unit is kept."""
+    """Their attacked accuracies of a detector are refused, not guessed, before any unit runs."""
     from dent.evaluation.runner import evaluate
     from dent.evaluation.store import STORE_NAME, ResultStore
     from eval_support import fake_data, tiny_net
@@ -387,7 +387,7 @@ def test_evaluate_refuses_attacks_that_do_not_know_the_reject_class(tmp_path):
     with pytest.raises(ConfigError, match="attack.name declared_apgd does not know the reject class.*: pgd, cw_l2"):
         evaluate(cfg, model=net, data=data, run_dir=tmp_path / "run")
     with ResultStore(tmp_path / "run" / STORE_NAME, create=False) as store:
-        assert [r.kind for r in store.records()] == ["clean"]  # computed before the refusal, kept
+        assert list(store.records()) == []  # refused up front: no unit computed for a run that cannot finish
 
 
 def test_evaluate_attacks_a_detector_with_reject_aware_pgd(tmp_path):
