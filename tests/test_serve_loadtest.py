@@ -25,7 +25,8 @@ def test_the_client_sends_each_request_once_stops_and_reports_the_batches_formed
     with serve_tiny(config(SAMPLE_WISE, max_batch=16, max_wait_ms=100)) as (url, _):
         levels = measure(url, "dent+", bodies, 2, [1, 3], requests=7, pid=os.getpid(), warmup=1)
         assert metric(url, ANSWERED) == 1 + 7 + 7  # the warm-up, then each level's requests, once each
-    assert [(level.concurrency, level.answered, level.errors) for level in levels] == [(1, 7, Counter()), (3, 7, Counter())]
+    assert [(level.concurrency, level.answered, level.errors) for level in levels] == \
+        [(1, 7, Counter()), (3, 7, Counter())]
     for level in levels:
         assert sum(size * count for size, count in level.batches.items()) == pytest.approx(7 * 2)  # every image once
         assert level.throughput() > 0 and level.percentile(50) <= level.percentile(99)
@@ -51,6 +52,10 @@ def test_the_table_gives_each_defense_over_the_static_model_at_the_same_concurre
     rows = format_table([level("static", 1.0, 0.1), level("dent+_k6", 4.0, 0.3)]).splitlines()
     assert rows[2].startswith("| static | 4 | 10 | 0 | 10.00 | 10.00 | 1.000 | 100 |")
     assert "| 2.50 | 2.50 | 0.250 | 300 | 300 | 300 | 3.00 | 2x1, 4x2 | 3.33 |" in rows[3]
+    refused = Level("static", 4, 10, 1, seconds=1.0, errors=Counter({"504": 10}))  # nothing to compare with
+    rows = format_table([refused, level("dent", 4.0, 0.3)]).splitlines()
+    assert "| 504: 10 | 0.00 | 0.00 | - | nan | nan | nan | - | - | - |" in rows[2]
+    assert "| 2.50 | 2.50 | - | 300 | 300 | 300 | - |" in rows[3]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -66,7 +71,11 @@ def test_bad_arguments_are_refused_with_a_message(argv, message, capsys):
     assert exited.value.code == 2 and message in err and "Traceback" not in err
 
 
-def test_a_url_with_services_to_start_is_refused(capsys):
-    assert main(["serve-load", "--url", "http://127.0.0.1:1", "--defenses", "static"]) == 2
+@pytest.mark.parametrize("argv, message", [
+    (["--url", "http://127.0.0.1:1", "--defenses", "static"], "--url measures the service already running there"),
+    (["--url", "http://127.0.0.1:1"], "no service answers http://127.0.0.1:1/healthz"),
+])
+def test_a_url_with_services_to_start_or_no_service_is_refused(argv, message, capsys):
+    assert main(["serve-load", *argv]) == 2
     err = capsys.readouterr().err
-    assert "--url measures the service already running there" in err and "Traceback" not in err
+    assert message in err and "Traceback" not in err

@@ -137,12 +137,12 @@ def free_port() -> int:
 @contextmanager
 def spawned_service(cfg_file: Optional[str], overrides: Sequence[str], start_timeout_s: float = 600.0
                     ) -> Iterator[tuple[str, int]]:
-    """``dent serve --cfg cfg_file overrides`` on a free 127.0.0.1 port, in a subprocess with this environment:
-    yields (URL, pid) once ``/healthz`` answers; stopped by SIGTERM after. Its output goes to a temporary file,
-    whose end is shown if it exits before answering."""
+    """``dent serve --cfg cfg_file overrides`` on a free port, reached at 127.0.0.1 (``overrides`` bind it there),
+    in a subprocess with this environment: yields (URL, pid) once ``/healthz`` answers; stopped by SIGTERM after.
+    Its output goes to a temporary file, whose end is shown if it exits before answering."""
     port = free_port()
     command = [sys.executable, "-m", "dent.cli.main", "serve", *(["--cfg", cfg_file] if cfg_file else []),
-               *overrides, "serve.host", "127.0.0.1", "serve.port", str(port)]
+               *overrides, "serve.port", str(port)]
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
         try:
@@ -158,25 +158,34 @@ def spawned_service(cfg_file: Optional[str], overrides: Sequence[str], start_tim
                 proc.wait()
 
 
+def healthy(url: str) -> bool:
+    """Whether a service answers ``url``'s ``/healthz``."""
+    try:
+        return httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def _wait_healthy(url: str, proc: subprocess.Popen, log, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while not healthy(url):
         if proc.poll() is not None:
             log.seek(0)
             tail = "".join(log.readlines()[-15:])
             raise DentError(f"dent serve exited with status {proc.returncode} before answering:\n{tail}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
+        if time.monotonic() > deadline:
+            raise DentError(f"dent serve did not answer {url}/healthz within {timeout_s:.0f} s")
         time.sleep(0.5)
-    raise DentError(f"dent serve did not answer {url}/healthz within {timeout_s:.0f} s")
 
 
 def batches_text(level: Level) -> str:
     """The batches formed, as ``images x count`` by size (counts are whole unless another client interfered)."""
     return ", ".join(f"{size}x{count:g}" for size, count in sorted(level.batches.items())) or "-"
+
+
+def ratio(value: float, base: Optional[float], decimals: int) -> str:
+    """``value / base``; "-" without a base to compare with (no static row, or nothing it answered)."""
+    return f"{value / base:.{decimals}f}" if base and base == base else "-"  # base == base: not NaN
 
 
 def format_table(levels: Sequence[Level]) -> str:
@@ -193,9 +202,9 @@ def format_table(levels: Sequence[Level]) -> str:
             level.defense, str(level.concurrency), str(level.requests),
             ", ".join(f"{k}: {v}" for k, v in sorted(level.errors.items())) or "0",
             f"{level.throughput():.2f}", f"{level.throughput() * level.images_per_request:.2f}",
-            f"{level.throughput() / base.throughput():.3f}" if base else "-",
+            ratio(level.throughput(), base and base.throughput(), 3),
             *(f"{level.percentile(q):.0f}" for q in (50, 95, 99)),
-            f"{level.percentile(50) / base.percentile(50):.2f}" if base else "-",
+            ratio(level.percentile(50), base and base.percentile(50), 2),
             batches_text(level),
             f"{level.answered * level.images_per_request / n_batches:.2f}" if n_batches else "-",
             f"{level.peak_rss_mib:.0f}" if level.peak_rss_mib is not None else "n/a",

@@ -52,7 +52,8 @@ def requests_entry(text: str) -> tuple[str | None, int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)  # the service's config, as for dent serve (each defense replaces its `defense`)
     parser.add_argument("--defenses", nargs="+", choices=list(DEFENSES), metavar="NAME",
-                        help=f"the defenses to serve and measure, in order (default: all of {', '.join(DEFENSES)})")
+                        help=f"the defenses to serve and measure, in order (default: all of {', '.join(DEFENSES)}; "
+                        "the ratios are to static's figures)")
     parser.add_argument("--url", help="measure the service already running at URL instead of starting services")
     parser.add_argument("--concurrency", nargs="+", type=at_least(1), default=[1, 4, 16], metavar="C",
                         help="requests in flight at once, one level each (default: 1 4 16)")
@@ -67,10 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def serve_overrides(name: str) -> list[str]:
-    """The ``dent serve`` overrides that serve the named defense under its policy."""
+    """The ``dent serve`` overrides that serve the named defense under its policy, on this machine only."""
     defense, isolation = DEFENSES[name]
     shared = ["serve.allow_shared", "true"] if isolation == "shared" else []
-    return [f"defense={json.dumps(defense)}", "serve.isolation", isolation, *shared]
+    return [f"defense={json.dumps(defense)}", "serve.isolation", isolation, *shared, "serve.host", "127.0.0.1"]
 
 
 def test_images(source: str, n: int) -> torch.Tensor:
@@ -93,7 +94,8 @@ def settings_text(args: argparse.Namespace, names: list[str]) -> str:
     defenses = "; ".join(f"{name} {json.dumps(DEFENSES[name][0])} under isolation {DEFENSES[name][1]}"
                          for name in names)
     return (f"model {configs[0].model.arch}, precision {', '.join(sorted({precision(c) for c in configs}))}; "
-            f"max_batch {serve.max_batch}, max_wait_ms {serve.max_wait_ms:g}, queue_size {serve.queue_size}; {defenses}")
+            f"max_batch {serve.max_batch}, max_wait_ms {serve.max_wait_ms:g}, queue_size {serve.queue_size}; "
+            f"{defenses}")
 
 
 @command("serve-load", "load-test dent serve: throughput, latency percentiles and batch sizes against concurrency",
@@ -109,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
     if args.url and (args.defenses or args.cfg or args.overrides):
         raise DentError("--url measures the service already running there; --defenses, --cfg and overrides "
                         "configure the services dent serve-load starts itself")
+    if args.url and not loadtest.healthy(args.url):
+        raise DentError(f"no service answers {args.url}/healthz: start one with dent serve, or leave out --url")
     names = ["service"] if args.url else args.defenses or list(DEFENSES)
     given = dict(args.requests)
     counts = {name: given.get(name, given.get(None, DEFAULT_REQUESTS)) for name in names}
@@ -118,11 +122,14 @@ def run(args: argparse.Namespace) -> int:
     def measure(name: str, url: str, pid: int | None = None) -> list:
         return loadtest.measure(url, name, bodies, args.images, args.concurrency, counts[name], pid, args.warmup)
 
-    levels = measure("service", args.url) if args.url else []
-    for name in [] if args.url else names:
-        print(f"dent serve-load: {name}, {counts[name]} requests per level ...", flush=True)
-        with loadtest.spawned_service(args.cfg, [*args.overrides, *serve_overrides(name)]) as (url, pid):
-            levels += measure(name, url, pid)
+    if args.url:
+        levels = measure("service", args.url)
+    else:
+        levels = []
+        for name in names:  # one service at a time: each has the machine to itself (but for other jobs)
+            print(f"dent serve-load: {name}, {counts[name]} requests per level ...", flush=True)
+            with loadtest.spawned_service(args.cfg, [*args.overrides, *serve_overrides(name)]) as (url, pid):
+                levels += measure(name, url, pid)
     report = "\n\n".join([
         f"dent serve-load, {loadtest.machine_text()}",
         f"{settings}; concurrency {' '.join(map(str, args.concurrency))}; requests per level "
