@@ -62,6 +62,10 @@ def submit(defense: nn.Module, x: Tensor, malicious: Tensor) -> Tensor:
     return defense(torch.cat([x, malicious]))[: len(x)]
 
 
+def _radius(eps: float | None) -> float:
+    return UNCONSTRAINED if eps is None else eps
+
+
 def _centers(x: Tensor, k: int) -> Tensor:
     """The natural images the bounded malicious inputs stay near: the batch's benign inputs, in order, cycled."""
     return x[torch.arange(k, device=x.device) % len(x)]
@@ -86,7 +90,7 @@ def attack_mates(defense: nn.Module, attacked: nn.Module, x: Tensor, y: Tensor, 
     An exactly zero gradient ends the attack early unless the defense is randomized: the sign step would
     leave the iterate where it is, so every later candidate would be this same batch.
     """
-    radius = UNCONSTRAINED if eps is None else eps
+    radius = _radius(eps)
     step = default_step_size(radius, n_iter)
     centers = _centers(x, k)
     malicious = _start(centers, eps, torch.Generator().manual_seed(seed + k))
@@ -118,7 +122,8 @@ def run_batch_mates(model: nn.Module, x: Tensor, y: Tensor, point: Any, *, devic
                     progress: bool = False):
     """For each count k in ``adaptive.batch_mates`` (label ``batch mates k/(n+k)``), k malicious inputs added to
     the batch, optimized through the adaptation against the benign inputs; per benign point, whether the
-    defense answered it right beside the best malicious inputs. ``x_adv`` is the benign input itself."""
+    defense answered it right beside the best malicious inputs. ``x_adv`` is the benign input itself. Labels
+    name the batch, so a smaller last evaluation batch gets labels of its own."""
     dent, rewrap = _dent_of(model, "batch_mates")
     adaptive = _adaptive(point)
     differentiable = DifferentiableDent(dent, checkpoint=adaptive.checkpoint)
@@ -136,7 +141,7 @@ def run_batch_mates(model: nn.Module, x: Tensor, y: Tensor, point: Any, *, devic
         best_correct[label], stopped[label] = res.best_correct, res.zero_gradient
     notes = {
         "malicious": {"eps": eps, "start": "uniform noise" if eps is None else "uniform in the ball around benign inputs",
-                      "n_iter": n_iter, "step_size": default_step_size(UNCONSTRAINED if eps is None else eps, n_iter),
+                      "n_iter": n_iter, "step_size": default_step_size(_radius(eps), n_iter),
                       "objective": "sum of the benign inputs' cross-entropy"},
         "malicious_share": share,  # label -> [k, batch the defense adapted on]
         "best_benign_correct": best_correct,  # label -> best-so-far benign answers right, per candidate
