@@ -272,7 +272,8 @@ def test_dent_variants_behind_a_non_differentiable_transform_get_its_straight_th
     assert xp.grad.abs().sum() == 0  # the pipeline's own gradient is zero
 
 
-@pytest.mark.parametrize("name", ["transfer", "through_adaptation", "bpda_eot", "surrogate_transfer", "mixed"])
+@pytest.mark.parametrize("name", ["transfer", "through_adaptation", "bpda_eot", "surrogate_transfer", "mixed",
+                                  "batch_mates"])
 def test_every_adaptive_attack_runs_on_transforms_before_dent(name):
     from dent.attacks.adaptive import adaptive_attack
 
@@ -281,6 +282,8 @@ def test_every_adaptive_attack_runs_on_transforms_before_dent(name):
     extra = {"version": "custom", "attacks": ("apgd-ce",)} if name == "transfer" else {"attacks": ("apgd-ce",)}
     if name == "mixed":
         extra["mixed"] = [0.5]
+    if name == "batch_mates":
+        extra = {"batch_mates": [1]}
     outcome = adaptive_attack(bit_depth_dent(), data.images, data.labels, name, eps=8 / 255, n_iter=2, n_restarts=1,
                               **extra)
     assert outcome.robust and all(flags.shape == (8,) for flags in outcome.robust.values())

@@ -1,6 +1,6 @@
 """Attacks on (possibly dynamic) defenses: AutoAttack through pyautoattack, PGD with restarts (cross-entropy
 or logit-margin loss), Carlini & Wagner's L2 attack (dent.attacks.cw), and adaptive attacks on dent
-(dent.attacks.adaptive: transfer, mixed, through_adaptation, bpda_eot, surrogate_transfer)."""
+(dent.attacks.adaptive: transfer, mixed, through_adaptation, bpda_eot, surrogate_transfer; dent.attacks.batch_mates)."""
 
 from dent.attacks.adaptive_config import ADAPTIVE_ATTACKS, AdaptiveSection
 from dent.attacks.config import (

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from dent.attacks.adaptive_config import (
-    DEFAULT_N_ITER, DEFAULT_N_RESTARTS, DEFAULT_N_TARGET_CLASSES, AdaptiveSection, Source, adv_count, mix_label,
+    ADAPTIVE_ATTACKS, DEFAULT_N_ITER, DEFAULT_N_RESTARTS, DEFAULT_N_TARGET_CLASSES, AdaptiveSection, Source, adv_count,
+    mix_label,
 )
 from dent.attacks.apgd_batch import apgd_batch
 from dent.attacks.wrappers import BPDA, eot_draws, gradient_view
@@ -402,7 +403,7 @@ def adaptive_attack(defense: nn.Module, x: Tensor, y: Tensor, name: str, *, eps:
     """Run the adaptive attack ``name`` on one batch from Python, with ``attack.adaptive`` keys as keywords.
 
     E.g. ``adaptive_attack(Dent(model, cfg), x, y, "through_adaptation", eps=8/255, n_iter=100,
-    horizon=None, checkpoint=True)``. ``attacks`` lists the APGD variants (``adaptive.attacks``), or for
+    horizon=None, checkpoint=True)``, or ``"batch_mates"`` with ``batch_mates=[4]`` (its own module). ``attacks`` lists the APGD variants (``adaptive.attacks``), or for
     ``transfer`` AutoAttack's custom list (with ``version="custom"``). Returns the
     :class:`~dent.attacks.registry.AttackOutcome` (per-point ``robust`` and ``pred`` per label, ``notes``, and the
     adversarial inputs ``x_adv`` per label; ``worst_case_inputs()`` picks each point's worst). Resubmitted as
@@ -411,9 +412,10 @@ def adaptive_attack(defense: nn.Module, x: Tensor, y: Tensor, name: str, *, eps:
     in the candidate batch that broke them, so a batch-wise defense answers them differently in another batch.
     """
     from dent.attacks.config import AttackSection
+    from dent.attacks.registry import ATTACKS
 
-    if name not in ADAPTIVE_RUNNERS:
-        raise InvalidInputError(f"unknown adaptive attack {name!r}; valid: {', '.join(ADAPTIVE_RUNNERS)}")
+    if name not in ADAPTIVE_ATTACKS:
+        raise InvalidInputError(f"unknown adaptive attack {name!r}; valid: {', '.join(ADAPTIVE_ATTACKS)}")
     if name == "transfer":
         extra: dict[str, Any] = {"version": version, "attacks": list(attacks)}
     else:
@@ -424,7 +426,7 @@ def adaptive_attack(defense: nn.Module, x: Tensor, y: Tensor, name: str, *, eps:
         name=name, threats=[{"norm": norm, "eps": eps}], n_iter=[n_iter] if n_iter else [], n_restarts=n_restarts,
         n_target_classes=n_target_classes, eot_iter=eot_iter, adaptive=adaptive, **extra,
     )
-    return ADAPTIVE_RUNNERS[name](defense, x, y, section.points()[0], device=x.device, seed=seed)
+    return ATTACKS.get(name)(defense, x, y, section.points()[0], device=x.device, seed=seed)
 
 
 ADAPTIVE_RUNNERS = {

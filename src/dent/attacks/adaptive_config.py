@@ -11,7 +11,9 @@ The adaptive attacks are selected by ``attack.name`` (see :mod:`dent.attacks.ada
 * ``bpda_eot``: APGD on the defense's answers, with gradients of a shortened (``adaptive.short_steps``)
   differentiable defense, averaged over ``attack.eot_iter`` noisy copies (``adaptive.eot_noise``);
 * ``surrogate_transfer``: targeted APGD-DLR with restarts against stronger surrogates (the static model,
-  a shortened differentiable defense), every candidate submitted to the defense.
+  a shortened differentiable defense), every candidate submitted to the defense;
+* ``batch_mates`` (:mod:`dent.attacks.batch_mates`): ``adaptive.batch_mates`` malicious inputs added to every
+  batch, optimized through the adaptation to flip the unperturbed benign batch-mates' answers.
 
 The APGD budget is ``attack.n_iter`` / ``attack.n_restarts`` / ``attack.n_target_classes`` /
 ``attack.eot_iter`` (defaults below). Each attack's unit key covers only the keys that attack reads.
@@ -28,7 +30,7 @@ from dent.confbase import OMITTED_AT_DEFAULT, Section
 from dent.threat import PixelFloat
 
 #: The adaptive attack names, as registered in :data:`dent.attacks.ATTACKS`.
-ADAPTIVE_ATTACKS = ("transfer", "mixed", "through_adaptation", "bpda_eot", "surrogate_transfer")
+ADAPTIVE_ATTACKS = ("transfer", "mixed", "through_adaptation", "bpda_eot", "surrogate_transfer", "batch_mates")
 
 #: The APGD variants the adaptive attacks run (pyautoattack's names).
 APGD_VARIANTS = ("apgd-ce", "apgd-dlr", "apgd-t")
@@ -53,6 +55,7 @@ RELEVANT_KEYS = {
     "through_adaptation": ("attacks", "horizon", "checkpoint"),
     "bpda_eot": ("attacks", "short_steps", "eot_noise", "checkpoint"),
     "surrogate_transfer": ("attacks", "sources", "short_steps", "checkpoint", "static_autocast"),
+    "batch_mates": ("batch_mates", "batch_mates_eps", "checkpoint"),
 }
 
 
@@ -109,6 +112,12 @@ class AdaptiveSection(Section):
     # adversarial inputs: a result key. The defense itself runs as its own config says; the shortened
     # defense (BPDA, shortened sources) follows the defense's `autocast`.
     static_autocast: Annotated[Literal["none", "bfloat16"], OMITTED_AT_DEFAULT] = "none"
+    # batch_mates: malicious inputs added to every evaluation batch of n benign ones (the defense adapts on
+    # n + k), one result label per count k. Added later, so omitted at their defaults (earlier unit keys hold).
+    batch_mates: Annotated[list[int], OMITTED_AT_DEFAULT] = Field(default_factory=lambda: [1, 2, 4, 8])
+    # batch_mates: Linf bound of the malicious inputs around natural images of the batch; null = any image in
+    # [0, 1] (nothing constrains a stranger's request in a shared service).
+    batch_mates_eps: Annotated[Optional[Annotated[PixelFloat, Field(gt=0, le=1)]], OMITTED_AT_DEFAULT] = None
 
     @field_validator("attacks", mode="before")
     @classmethod
@@ -128,7 +137,7 @@ class AdaptiveSection(Section):
             out.append(key)
         return out
 
-    @field_validator("sources", "mixed", mode="before")
+    @field_validator("sources", "mixed", "batch_mates", mode="before")
     @classmethod
     def _listify(cls, value: Any) -> Any:
         return _as_list(value)
@@ -143,12 +152,22 @@ class AdaptiveSection(Section):
             raise ValueError(f"adversarial shares are listed twice: {value}")
         return value
 
+    @field_validator("batch_mates")
+    @classmethod
+    def _distinct_counts(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("at least one count of malicious inputs is needed, e.g. [1, 2, 4, 8]")
+        small = [k for k in value if k < 1]
+        if small:
+            raise ValueError(f"counts of malicious inputs per batch must be >= 1, got {small}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"counts of malicious inputs are listed twice: {value}")
+        return value
+
     def for_attack(self, name: str) -> "AdaptiveSection":
         """This section with the keys ``name`` does not read reset to their defaults (for unit keys)."""
         keep = RELEVANT_KEYS.get(name, ())
-        defaults = AdaptiveSection().to_dict()
-        data = {k: (v if k in keep else defaults[k]) for k, v in self.to_dict().items()}
-        return AdaptiveSection.model_validate(data)
+        return AdaptiveSection.model_validate({k: v for k, v in self.to_dict().items() if k in keep})
 
     def sub_attacks(self, name: str) -> tuple[str, ...]:
         return tuple(self.attacks) or DEFAULT_SUB_ATTACKS.get(name, ())
@@ -192,6 +211,9 @@ def point_tag(name: str, adaptive: dict[str, Any] | AdaptiveSection) -> str:
                      + (f" in {a.mixed_batch_size}" if a.mixed_batch_size else ""))
     if name == "through_adaptation" and a.horizon is not None:
         parts.append(f"horizon {a.horizon}")
+    if name == "batch_mates":
+        parts.append("mates " + ",".join(map(str, a.batch_mates)) + (
+            f" within {_pixels(a.batch_mates_eps)}" if a.batch_mates_eps is not None else ""))
     if name == "bpda_eot" or (name in DEFAULT_SOURCES and Source.SHORTENED in a.source_list(name)):
         parts.append(f"short {a.short_steps}")
     if name == "bpda_eot" and a.eot_noise:
@@ -226,9 +248,13 @@ def describe_point(point: dict[str, Any]) -> str:
         out = (f"transfer of {', '.join(a.sub_attacks(name))} from surrogates "
                + "+".join(f"{a.short_steps}-step defense" if s is Source.SHORTENED else s.value
                           for s in a.source_list(name)))
+    elif name == "batch_mates":
+        bound = "unconstrained" if a.batch_mates_eps is None else f"within Linf {_pixels(a.batch_mates_eps)}"
+        out = (f"batch mates: {', '.join(map(str, a.batch_mates))} malicious inputs ({bound}) added to each batch, "
+               "signed-gradient PGD through the adaptation on the benign inputs' cross-entropy")
     else:
         out = name
-    if a.checkpoint and name in ("through_adaptation", "bpda_eot", "surrogate_transfer"):
+    if a.checkpoint and name in ("through_adaptation", "bpda_eot", "surrogate_transfer", "batch_mates"):
         out += " (checkpointed)"
     budget = []
     for key, word in (("n_iter", "iter"), ("n_restarts", "restarts"), ("n_target_classes", "targets"),

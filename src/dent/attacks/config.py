@@ -197,8 +197,8 @@ class AttackSection(Section):
     eot_iter: Optional[PositiveInt] = None  # expectation-over-transformation samples (version rand)
     step_size: Optional[PixelFloat] = None  # PGD step; default 2.5 * eps / n_iter
     random_start: bool = True  # PGD starts from a random point in the ball
-    # Adaptive attacks (transfer | mixed | through_adaptation | bpda_eot | surrogate_transfer): their knobs
-    # (dent.attacks.adaptive_config.AdaptiveSection); null = its defaults.
+    # Adaptive attacks (transfer | mixed | through_adaptation | bpda_eot | surrogate_transfer | batch_mates):
+    # their knobs (dent.attacks.adaptive_config.AdaptiveSection); null = its defaults.
     adaptive: Annotated[Optional[AdaptiveSection], OMITTED_AT_DEFAULT] = None  # (keeps earlier run hashes)
     # PGD's objective: ce (cross-entropy) | margin (the C&W logit margin, for saturated softmaxes).
     loss: Annotated[PGDLoss, OMITTED_AT_DEFAULT] = PGDLoss.CE

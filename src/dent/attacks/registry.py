@@ -70,6 +70,10 @@ def _register_builtin() -> None:
     for name, runner in ADAPTIVE_RUNNERS.items():
         ATTACKS.register(name, runner)
 
+    from dent.attacks.batch_mates import run_batch_mates  # malicious inputs beside benign ones in a batch
+
+    ATTACKS.register("batch_mates", run_batch_mates)
+
     from dent.attacks.wrappers import run_declared_apgd  # any defense, by its declared traits
 
     ATTACKS.register("declared_apgd", run_declared_apgd)

@@ -34,7 +34,7 @@ MAX_RISE = 0.01
 
 #: Order of attack names in tables: the paper's protocol first, then the adaptive attacks.
 ATTACK_ORDER = ("autoattack", "pgd", "cw_l2", "transfer", "mixed", "through_adaptation", "bpda_eot",
-                "surrogate_transfer")
+                "surrogate_transfer", "batch_mates")
 
 
 # -- worst case -------------------------------------------------------------------------------------
