@@ -8,7 +8,7 @@ The Python API in a few lines::
     logits = defended(x)
 
 Layers, with dependencies pointing one way: ``data`` and ``models`` -> ``defenses`` -> ``attacks`` ->
-``evaluation`` / ``training`` -> ``cli``.
+``evaluation`` / ``training`` / ``benchmark`` / ``serving`` -> ``cli``.
 """
 
 from dent.data import Split, load_split, load_subset
